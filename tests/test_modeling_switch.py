@@ -1,0 +1,412 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertModel
+
+from switch_hf import SwitchConfig, SwitchForTokenReconstruction, SwitchModel
+from switch_hf.modeling_switch import SwitchLayer, SwitchSparseBlock
+
+from conftest import TINY_VOCAB, tiny_config
+
+
+def random_ids(batch, seq):
+    return torch.randint(1, TINY_VOCAB, (batch, seq))
+
+
+# --- shapes -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch, seq, num_experts, top_k",
+    [(1, 12, 4, 1), (3, 7, 4, 2), (2, 1, 1, 1), (4, 16, 8, 1), (2, 5, 8, 4)],
+)
+def test_output_shapes(batch, seq, num_experts, top_k):
+    config = tiny_config(num_experts=num_experts, top_k=top_k)
+    model = SwitchForTokenReconstruction(config)
+    out = model(input_ids=random_ids(batch, seq), output_router_logits=True, output_hidden_states=True)
+    assert out.logits.shape == (batch, seq, TINY_VOCAB)
+    assert len(out.router_logits) == config.num_switch_layers
+    assert all(logits.shape == (batch, seq, num_experts) for logits in out.router_logits)
+    assert all(logits.dtype == torch.float32 for logits in out.router_logits)
+    assert all(index.shape == (batch, seq, top_k) for index in out.expert_indices)
+    assert len(out.hidden_states) == config.num_switch_layers + 1
+    assert out.tokens_per_expert.shape == (config.num_switch_layers, num_experts)
+    assert out.dropped_fraction.shape == (config.num_switch_layers,)
+
+
+# --- routing invariants -------------------------------------------------------------------------------------------
+
+
+def block_and_input(num_experts=4, top_k=1, capacity_factor=1.0, batch=3, seq=10):
+    config = tiny_config(num_experts=num_experts, top_k=top_k, capacity_factor_eval=capacity_factor)
+    block = SwitchSparseBlock(config).eval()
+    torch.nn.init.normal_(block.router.weight, std=1.0)  # a confident, unbalanced router: drops happen
+    for name in ("up_proj", "down_proj"):
+        torch.nn.init.normal_(getattr(block.experts, name), std=0.1)
+    hidden = torch.randn(batch, seq, config.hidden_size)
+    return config, block, hidden
+
+
+@pytest.mark.parametrize("num_experts, top_k, capacity_factor", [(4, 1, 0.5), (4, 2, 0.75), (8, 1, 0.5), (4, 3, 1.0)])
+def test_each_token_reaches_at_most_top_k_distinct_experts_within_capacity(num_experts, top_k, capacity_factor):
+    config, block, hidden = block_and_input(num_experts, top_k, capacity_factor)
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    mask[0, 6:] = False
+    _, routing = block(hidden, mask)
+
+    index = routing.expert_index  # (t, k)
+    for row in index.tolist():
+        chosen = [e for e in row if e >= 0]
+        assert len(chosen) == len(set(chosen)) <= top_k
+
+    capacity = math.ceil(capacity_factor * top_k * int(mask.sum()) / num_experts)
+    counts = torch.bincount(index[index >= 0], minlength=num_experts)
+    assert counts.max() <= capacity
+    assert torch.equal(routing.tokens_per_expert, counts.float())
+    assert routing.dropped_fraction > 0  # the router is unbalanced enough for these capacities to drop
+    assert routing.dropped_fraction == pytest.approx(1 - counts.sum().item() / (int(mask.sum()) * top_k))
+
+
+def test_first_choices_are_served_before_second_choices():
+    config, block, hidden = block_and_input(num_experts=4, top_k=2, capacity_factor=0.5)
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    _, routing = block(hidden, mask)
+    probs = routing.router_logits.softmax(-1)
+    first_choice = probs.argmax(-1)
+    capacity = math.ceil(0.5 * 2 * mask.sum().item() / 4)
+    for expert in range(4):
+        wants_first = (first_choice == expert).sum().item()
+        took_first = (routing.expert_index[:, 0] == expert).sum().item()
+        took_second = (routing.expert_index[:, 1] == expert).sum().item()
+        assert took_first == min(wants_first, capacity)
+        if took_second:  # second choices only fill what first choices left
+            assert took_first + took_second <= capacity and took_first == wants_first
+
+
+def test_dropped_tokens_leave_the_block_unchanged():
+    config, block, hidden = block_and_input(capacity_factor=0.5)
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    output, routing = block(hidden, mask)
+    dropped = (routing.expert_index == -1).all(-1).view(mask.shape)
+    assert dropped.any()
+    assert torch.all(output[dropped] == 0)
+    assert torch.all(output[~dropped].abs().sum(-1) > 0)
+
+    layer = SwitchLayer(config).eval()
+    layer.moe = block
+    attention_mask = mask[:, None, None, :]
+    after_attention = hidden + layer.attention(layer.attention_norm(hidden), attention_mask)
+    layer_output, layer_routing = layer(hidden, attention_mask, mask)
+    dropped = (layer_routing.expert_index == -1).all(-1).view(mask.shape)
+    assert dropped.any()
+    torch.testing.assert_close(layer_output[dropped], after_attention[dropped], rtol=0, atol=0)
+
+
+def test_padding_is_never_routed():
+    model = SwitchForTokenReconstruction(tiny_config(capacity_factor_eval=None)).eval()
+    ids = random_ids(3, 9)
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    out = model(input_ids=ids, attention_mask=mask)
+    for index in out.expert_indices:
+        assert torch.all(index[mask == 0] == -1)
+        assert torch.all(index[mask == 1] >= 0)  # dropless: every real token is routed
+    assert torch.equal(out.tokens_per_expert.sum(-1), torch.full((2,), float(mask.sum())))
+
+
+def test_one_expert_equals_the_dense_ffn_in_outputs_and_gradients():
+    config = tiny_config(num_experts=1, capacity_factor_train=None, router_jitter_noise=0.0, expert_dropout=0.0)
+    block = SwitchSparseBlock(config).train()
+    for name in ("up_proj", "down_proj", "up_proj_bias", "down_proj_bias"):
+        torch.nn.init.normal_(getattr(block.experts, name), std=0.1)
+    up = block.experts.up_proj[0].detach().clone().requires_grad_()
+    down = block.experts.down_proj[0].detach().clone().requires_grad_()
+    hidden = torch.randn(2, 6, config.hidden_size, requires_grad=True)
+    dense_hidden = hidden.detach().clone().requires_grad_()
+
+    moe_out, _ = block(hidden, torch.ones(2, 6, dtype=torch.bool))
+    dense_out = F.linear(
+        F.gelu(F.linear(dense_hidden, up, block.experts.up_proj_bias[0].detach())),
+        down,
+        block.experts.down_proj_bias[0].detach(),
+    )
+    torch.testing.assert_close(moe_out, dense_out)
+    moe_out.square().sum().backward()
+    dense_out.square().sum().backward()
+    torch.testing.assert_close(hidden.grad, dense_hidden.grad)
+    torch.testing.assert_close(block.experts.up_proj.grad[0], up.grad)
+    torch.testing.assert_close(block.experts.down_proj.grad[0], down.grad)
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_experts_implementations_match_eager(implementation):
+    config = tiny_config(num_experts=8, top_k=2, capacity_factor_train=0.8, router_jitter_noise=0.0)
+    reference = SwitchForTokenReconstruction(config).train()
+    for layer in reference.model.layers:
+        torch.nn.init.normal_(layer.moe.router.weight, std=1.0)
+    ids = random_ids(3, 11)
+
+    def loss_and_grads(implementation_name):
+        reference.set_experts_implementation(implementation_name)
+        reference.zero_grad()
+        torch.manual_seed(1)  # same dropout masks in both runs
+        out = reference(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in reference.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads
+
+    eager_logits, eager_grads = loss_and_grads("eager")
+    logits, grads = loss_and_grads(implementation)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_unknown_experts_implementation_lists_the_valid_ones():
+    with pytest.raises(ValueError, match='experts_implementation="eager"'):
+        SwitchForTokenReconstruction(tiny_config()).set_experts_implementation("magic")
+
+
+# --- auxiliary losses ---------------------------------------------------------------------------------------------
+
+
+def test_uniform_router_gives_load_balancing_loss_one():
+    config, block, hidden = block_and_input(num_experts=4)
+    torch.nn.init.zeros_(block.router.weight)
+    _, routing = block(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool))
+    assert routing.load_balancing_loss.item() == pytest.approx(1.0)
+    assert routing.z_loss.item() == pytest.approx(math.log(4) ** 2)
+
+
+def test_aux_losses_on_a_hand_computed_case():
+    config, block, hidden = block_and_input(num_experts=2)
+    log3 = math.log(3.0)
+    logits = torch.tensor([[log3, 0.0], [log3, 0.0], [0.0, log3], [5.0, -5.0]])
+    mask = torch.tensor([True, True, True, False])  # the last token is padding and must not count
+    probs = logits.softmax(-1)
+    gate, choice = probs.topk(1, dim=-1)
+    kept = block._within_capacity(choice, mask, None)
+    routing = block._routing_summary(logits, probs, choice, kept, mask)
+    # f = (2/3, 1/3); P = ((.75 + .75 + .25) / 3, (.25 + .25 + .75) / 3); loss = 2 * (f . P)
+    expected = 2 * (2 / 3 * 1.75 / 3 + 1 / 3 * 1.25 / 3)
+    assert routing.load_balancing_loss.item() == pytest.approx(expected)
+    assert routing.z_loss.item() == pytest.approx(math.log(4.0) ** 2)
+    assert routing.tokens_per_expert.tolist() == [2.0, 1.0]
+    assert routing.dropped_fraction.item() == pytest.approx(0.0)
+
+
+def test_aux_loss_is_part_of_the_loss_when_every_layer_is_sparse():
+    config = tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    model = SwitchForTokenReconstruction(config)
+    ids = random_ids(2, 8)
+    out = model(input_ids=ids, labels=ids)
+    assert out.load_balancing_loss > 0 and out.router_z_loss > 0 and out.aux_loss > 0
+    torch.testing.assert_close(out.aux_loss, 0.5 * out.load_balancing_loss + 0.25 * out.router_z_loss)
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + out.aux_loss)
+    torch.testing.assert_close(
+        out.reconstruction_loss, F.cross_entropy(out.logits.reshape(-1, TINY_VOCAB), ids.reshape(-1))
+    )
+
+
+def test_masked_padding_leaves_aux_losses_unchanged_and_removing_the_mask_changes_them():
+    model = SwitchForTokenReconstruction(tiny_config(capacity_factor_eval=None)).eval()
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.moe.router.weight, std=1.0)
+    ids = random_ids(1, 6)
+    padded = torch.cat([ids, random_ids(1, 5)], dim=1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 5)], dim=1).long()
+    alone = model(input_ids=ids)
+    masked = model(input_ids=padded, attention_mask=mask)
+    unmasked = model(input_ids=padded)
+    for name in ("load_balancing_loss", "router_z_loss"):
+        torch.testing.assert_close(getattr(masked, name), getattr(alone, name))
+        assert not torch.allclose(getattr(unmasked, name), getattr(alone, name))
+
+
+def test_labels_ignore_minus_100():
+    model = SwitchForTokenReconstruction(tiny_config())
+    ids = random_ids(2, 6)
+    labels = ids.clone()
+    labels[:, ::2] = -100
+    out = model(input_ids=ids, labels=labels)
+    expected = F.cross_entropy(out.logits[:, 1::2].reshape(-1, TINY_VOCAB), ids[:, 1::2].reshape(-1))
+    torch.testing.assert_close(out.reconstruction_loss, expected)
+
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+
+
+def test_input_ids_and_backbone_hidden_states_give_the_same_logits():
+    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    ids = random_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        from_ids = model(input_ids=ids, attention_mask=mask).logits
+        states = model.model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        from_states = model(backbone_hidden_states=states, attention_mask=mask).logits
+    torch.testing.assert_close(from_ids, from_states, rtol=0, atol=0)
+
+
+def test_padding_other_sequences_does_not_change_a_sequence_in_eval_with_dropless_routing():
+    model = SwitchForTokenReconstruction(tiny_config(capacity_factor_eval=None)).eval()
+    short = random_ids(1, 5)
+    batch = torch.cat([torch.cat([short, torch.zeros(1, 7, dtype=torch.long)], 1), random_ids(1, 12)])
+    mask = torch.ones_like(batch)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        alone = model(input_ids=short).logits
+        batched = model(input_ids=batch, attention_mask=mask).logits
+    torch.testing.assert_close(batched[0, :5], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.tensor([[1, 2, TINY_VOCAB]])), r"`input_ids` must be in \[0, 119\]"),
+        (dict(input_ids=torch.tensor([[1, -1]])), r"`input_ids` must be in \[0, 119\]"),
+        (dict(input_ids=torch.ones(1, 65, dtype=torch.long)), "max_position_embeddings=64"),
+        (dict(input_ids=torch.ones(5, dtype=torch.long)), r"`input_ids` must be \(batch_size, sequence_length\)"),
+        (dict(backbone_hidden_states=torch.randn(1, 4, 31)), "hidden_size=32"),
+        (dict(backbone_hidden_states=torch.randn(4, 32)), "hidden_size=32"),
+        (dict(input_ids=torch.ones(1, 4, dtype=torch.long), backbone_hidden_states=torch.randn(1, 4, 32)), "exactly one"),
+        (dict(), "exactly one"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5)), "`attention_mask` must"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), labels=torch.ones(2, 3, dtype=torch.long)), "`labels`"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, message):
+    model = SwitchForTokenReconstruction(tiny_config())
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs)
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze_backbone", [False, True])
+def test_gradients_reach_router_experts_and_unfrozen_backbone(freeze_backbone):
+    model = SwitchForTokenReconstruction(tiny_config(freeze_backbone=freeze_backbone)).train()
+    ids = random_ids(2, 8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for layer in model.model.layers:
+        assert layer.moe.router.weight.grad.abs().sum() > 0
+        assert layer.moe.experts.up_proj.grad.abs().sum() > 0
+        assert layer.moe.experts.down_proj.grad.abs().sum() > 0
+    backbone_layer = model.model.backbone.encoder.layer[0].attention.self.query.weight
+    if freeze_backbone:
+        assert backbone_layer.grad is None
+        assert not model.model.backbone.training  # frozen backbone stays in eval mode
+    else:
+        assert backbone_layer.grad.abs().sum() > 0
+
+
+# --- saving and loading -------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "modeling_switch.py").exists() and (tmp_path / "configuration_switch.py").exists()
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is SwitchForTokenReconstruction
+    assert loaded.head.decoder.weight is loaded.model.backbone.embeddings.word_embeddings.weight
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert type(AutoModel.from_pretrained(tmp_path)) is SwitchModel
+
+
+def test_missing_weights_are_named_and_strict_loading_fails(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    SwitchForTokenReconstruction(tiny_config()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = "model.layers.1.moe.router.weight"
+    del weights[missing]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    with pytest.raises(ValueError, match=rf"missing: {missing}"):
+        SwitchForTokenReconstruction.from_pretrained(tmp_path, strict=True)
+    _, info = SwitchForTokenReconstruction.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {missing}
+
+
+def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = random_ids(2, 7)
+    torch.save({"ids": ids, "logits": model(input_ids=ids).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        sys.path = [p for p in sys.path if p not in ("", {str(tmp_path)!r})]
+
+        class BlockSwitchHF(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "switch_hf" or name.startswith("switch_hf."):
+                    raise ImportError("switch_hf is deliberately unavailable in this process")
+
+        sys.meta_path.insert(0, BlockSwitchHF())
+        try:
+            import switch_hf
+            raise SystemExit("switch_hf was importable")
+        except ImportError:
+            pass
+        import torch
+        from transformers import AutoModelForMaskedLM
+        model = AutoModelForMaskedLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        assert type(model).__name__ == "SwitchForTokenReconstruction", type(model)
+        assert not type(model).__module__.startswith("switch_hf"), type(model).__module__
+        assert torch.equal(model(input_ids=expected["ids"]).logits, expected["logits"])
+        print("REMOTE-CODE-OK", type(model).__module__)
+        """
+    )
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-CODE-OK transformers_modules" in result.stdout
+
+
+# --- the real backbone --------------------------------------------------------------------------------------------
+
+
+def test_from_backbone_loads_minilm_and_reconstructs_the_issue_example(minilm_path, tmp_path):
+    from conftest import REPO_ROOT
+
+    config = SwitchConfig.from_json_file(REPO_ROOT / "configs" / "switch-minilm-l6-e8.json")
+    model = SwitchForTokenReconstruction.from_backbone(minilm_path, config=config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    bert = BertModel.from_pretrained(minilm_path, add_pooling_layer=False)
+    for name, weight in bert.state_dict().items():
+        assert torch.equal(model.model.backbone.state_dict()[name], weight), name
+    assert config.backbone_config is not model.config.backbone_config  # the caller's config is left alone
+
+    inputs = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape == (1, 12, 30522)
+    text = tokenizer.decode(out.logits.argmax(-1)[0])
+    assert isinstance(text, str) and text
+
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, out.logits)
+
+
+def test_from_backbone_rejects_a_config_of_another_width(minilm_path):
+    with pytest.raises(ValueError, match=r"backbone_config.hidden_size is 768 .* hidden_size=384"):
+        SwitchForTokenReconstruction.from_backbone(minilm_path, config=SwitchConfig())

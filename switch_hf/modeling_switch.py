@@ -359,14 +359,23 @@ class SwitchPreTrainedModel(PreTrainedModel):
         return (model, loading_info) if wants_loading_info else model
 
     @classmethod
-    def from_backbone(cls, backbone_name_or_path, config: SwitchConfig | None = None, **backbone_kwargs):
+    def from_backbone(
+        cls,
+        backbone_name_or_path,
+        config: SwitchConfig | None = None,
+        upcycle_experts: bool = False,
+        **backbone_kwargs,
+    ):
         """A new model whose backbone holds the pretrained BERT at `backbone_name_or_path`; the Switch layers and
         the head are initialised at random (the head's decoder stays tied to the backbone's word embeddings).
 
         Args:
             backbone_name_or_path: a directory or Hub id of a BERT checkpoint (`BertModel.from_pretrained`).
             config: the Switch configuration; its `backbone_config` is replaced by the checkpoint's, which must agree
-                on `hidden_size` and `vocab_size`. Defaults to `SwitchConfig()`.
+                on `hidden_size` and `vocab_size`. Defaults to `SwitchConfig()`. The caller's config is not changed.
+            upcycle_experts: start every expert as a copy of the backbone's last feed-forward block instead of at
+                random (sparse upcycling, Komatsuzaki et al., 2022). Needs `expert_intermediate_size` equal to the
+                backbone's `intermediate_size` and the same activation.
             backbone_kwargs: passed to `BertModel.from_pretrained`.
         """
         backbone = BertModel.from_pretrained(backbone_name_or_path, add_pooling_layer=False, **backbone_kwargs)
@@ -382,6 +391,8 @@ class SwitchPreTrainedModel(PreTrainedModel):
         config_dict["backbone_config"] = backbone.config.to_dict()
         model = cls(SwitchConfig.from_dict(config_dict))
         model.base_model.backbone.load_state_dict(backbone.state_dict())
+        if upcycle_experts:
+            model.base_model.upcycle_experts_from_backbone()
         return model
 
 
@@ -403,6 +414,28 @@ class SwitchModel(SwitchPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.backbone.set_input_embeddings(value)
+
+    @torch.no_grad()
+    def upcycle_experts_from_backbone(self):
+        """Copy the backbone's last feed-forward block into every expert of every Switch layer (Komatsuzaki et al.,
+        2022): training starts from a known-good FFN, and the router learns to tell the copies apart."""
+        dense = self.backbone.encoder.layer[-1]
+        if self.config.expert_intermediate_size != self.config.backbone_config.intermediate_size:
+            raise ValueError(
+                f"upcycling needs expert_intermediate_size ({self.config.expert_intermediate_size}) equal to the "
+                f"backbone's intermediate_size ({self.config.backbone_config.intermediate_size})"
+            )
+        if self.config.expert_hidden_act != self.config.backbone_config.hidden_act:
+            raise ValueError(
+                f"upcycling needs expert_hidden_act ({self.config.expert_hidden_act!r}) equal to the backbone's "
+                f"hidden_act ({self.config.backbone_config.hidden_act!r})"
+            )
+        for layer in self.layers:
+            experts = layer.moe.experts
+            experts.up_proj.copy_(dense.intermediate.dense.weight.expand_as(experts.up_proj))
+            experts.up_proj_bias.copy_(dense.intermediate.dense.bias.expand_as(experts.up_proj_bias))
+            experts.down_proj.copy_(dense.output.dense.weight.expand_as(experts.down_proj))
+            experts.down_proj_bias.copy_(dense.output.dense.bias.expand_as(experts.down_proj_bias))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -563,6 +596,7 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         backbone_hidden_states: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        only_labeled_logits: bool = False,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
@@ -573,6 +607,10 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Target token ids; -100 marks positions without a loss. With labels, `loss` is the token cross-entropy
                 plus the weighted router losses.
+            only_labeled_logits (`bool`, defaults to `False`):
+                Run the vocabulary head only where `labels` is not -100; `logits` is then `(num_labeled, vocab_size)`
+                in row-major position order. The head dominates the cost of a training step, and most positions of
+                a masked-token objective carry no loss.
             Other arguments: as in [`SwitchModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -586,7 +624,17 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        logits = self.head(outputs.last_hidden_state)  # (b, s, v)
+        batch_shape = tuple(outputs.last_hidden_state.shape[:2])
+        if labels is not None and tuple(labels.shape) != batch_shape:
+            raise ValueError(f"`labels` must have shape (batch_size, sequence_length)={batch_shape}, got {tuple(labels.shape)}")
+        if only_labeled_logits and labels is None:
+            raise ValueError("`only_labeled_logits=True` needs `labels`: it keeps the positions whose label is not -100")
+
+        hidden_states = outputs.last_hidden_state  # (b, s, h)
+        if only_labeled_logits:
+            labeled = labels != -100
+            hidden_states, labels = hidden_states[labeled], labels[labeled]  # (n, h), (n,)
+        logits = self.head(hidden_states)  # (b, s, v), or (n, v) with only_labeled_logits
         aux_loss = (
             self.config.router_aux_loss_coef * outputs.load_balancing_loss
             + self.config.router_z_loss_coef * outputs.router_z_loss
@@ -594,11 +642,6 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
 
         reconstruction_loss = loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(
-                    f"`labels` must have shape (batch_size, sequence_length)={tuple(logits.shape[:2])}, "
-                    f"got {tuple(labels.shape)}"
-                )
             reconstruction_loss = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
             )

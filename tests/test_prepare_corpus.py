@@ -1,0 +1,195 @@
+"""Tests for scripts/prepare_corpus.py on small synthetic files laid out like the Debian packages,
+so they need none of the apt packages the real corpus is built from."""
+
+import gzip
+import hashlib
+import importlib.util
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("prepare_corpus", REPO_ROOT / "scripts" / "prepare_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare_corpus = load_script()
+
+PROSE = [
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the gate.",
+    "A journey of a thousand miles begins with a single step, or so the proverb says.",
+    "Simple things should be simple, and complex things should be possible for everyone.",
+    "The river ran high after three days of rain, and the old bridge groaned under the carts.",
+    "Every library in the town kept its doors open late on Thursdays for the students.",
+    "She planted tomatoes along the south wall where the afternoon sun lingered longest.",
+]
+
+
+def write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """A filesystem root holding tiny versions of the files four sources read."""
+    root = tmp_path / "root"
+    fortunes = root / "usr/share/games/fortunes"
+    # The third cookie repeats the first with other case and spacing: it must be de-duplicated.
+    write(fortunes / "cookie", f"{PROSE[0]}\n%\n{PROSE[1]}\n\t\t-- Anon\n%\n{PROSE[0].upper().replace(' ', '   ')}\n")
+    write(fortunes / "literature", f"{PROSE[2]}\n%\n#include <stdio.h> {{ x[0] = *p++; }} /* -- */ ;;\n")
+    write(fortunes / "art", "An ascii-art file is skipped by name even though this line is prose.\n")
+    write(fortunes / "cookie.dat", "binary index, never read")
+
+    wordnet = root / "usr/share/wordnet"
+    licence_header = "  1 This software and database is being provided to you, the LICENSEE, by Princeton\n"
+    write(wordnet / "data.noun", licence_header +
+          "00001740 03 n 02 dog 0 domestic_dog 0 000 | a member of the genus Canis that has been domesticated  \n")
+    write(wordnet / "data.verb", licence_header)
+    write(wordnet / "data.adj", licence_header +
+          "00002098 00 a 01 able(a) 0 000 | usually followed by `to' and having the necessary means or skill  \n")
+    write(wordnet / "data.adv", licence_header)
+
+    html_dir = root / "usr/share/doc/python3.11/html"
+    write(html_dir / "library/demo.html",
+          "<html><head><style>p { color: red }</style><script>var p = '<p>no</p>';</script></head><body>"
+          f"<h1>Demo module</h1><p>{PROSE[3].replace('old bridge', '<code>old</code> <em>bridge</em>')} &amp; more.</p>"
+          "<pre>for item in items:\n    print(item)  # code is not prose</pre>"
+          f"<ul><li><p>{PROSE[4]}</p></li></ul></body></html>")
+    write(html_dir / "genindex-A.html", "<p>An index page is a list of links and is skipped entirely.</p>")
+
+    jargon = root / "usr/share/doc/jargon-text/jargon.txt.gz"
+    jargon.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(jargon, "wt", encoding="utf-8") as f:
+        wrapped = PROSE[5].replace(" where ", "\n   where ")
+        f.write(f"   :gardening: n.\n\n   {wrapped} See {{hacker}}.\n\n")
+    return root
+
+
+def build(root, sources=("fortunes", "wordnet", "python-docs", "jargon"), validation_fraction=0.3, seed=0):
+    return prepare_corpus.build_corpus(list(sources), root, min_chars=20, max_chars=200,
+                                       validation_fraction=validation_fraction, seed=seed)
+
+
+def test_cleaning_strips_markup_code_and_symbols(fake_root):
+    train, validation, stats = build(fake_root)
+    corpus = train + validation
+    text = "\n".join(corpus)
+    assert "<" not in text and "&amp;" not in text
+    assert "old bridge groaned" in text and "& more." in text      # inline markup flattened, entity decoded
+    assert "print(item)" not in text and "color: red" not in text and "var p" not in text
+    assert "#include" not in text                                     # mostly-symbol cookie dropped
+    assert "ascii-art" not in text and "index page" not in text      # skipped files
+    assert "dog, domestic dog: a member of the genus Canis that has been domesticated" in corpus
+    assert "able: usually followed by `to' and having the necessary means or skill" in corpus
+    assert f"{PROSE[1]} -- Anon" in corpus                            # wrapped lines joined
+    assert f"gardening: {PROSE[5]} See hacker." in corpus            # headword carried, {xref} unwrapped
+    assert all(line == " ".join(line.split()) for line in corpus)
+    assert stats["fortunes"]["package"] == "fortunes"
+    assert stats["python-docs"]["licence"].startswith("PSF")
+
+
+def test_exact_duplicates_are_removed_after_normalisation(fake_root):
+    train, validation, stats = build(fake_root)
+    corpus = train + validation
+    keys = [prepare_corpus.dedup_key(t) for t in corpus]
+    assert len(keys) == len(set(keys))
+    assert sum(prepare_corpus.dedup_key(PROSE[0]) == k for k in keys) == 1
+    assert sum(entry["examples"] for entry in stats.values()) == len(corpus)
+
+
+def test_split_is_deterministic_disjoint_and_independent_of_other_sources(fake_root):
+    train, validation, _ = build(fake_root)
+    assert (train, validation) == build(fake_root)[:2]
+    assert train and validation
+    assert not set(train) & set(validation)
+    # An example stays in its split when other sources are added or removed.
+    fortunes_train, fortunes_validation, _ = build(fake_root, sources=["fortunes"])
+    assert set(fortunes_train) <= set(train) and set(fortunes_validation) <= set(validation)
+    # Another seed gives another split of the same examples.
+    assert set(train) | set(validation) == set().union(*build(fake_root, seed=1)[:2])
+
+
+def test_long_paragraphs_are_split_at_sentences():
+    text = " ".join(f"Sentence number {i} is about a curious animal." for i in range(20))
+    chunks = prepare_corpus.clean_paragraph(text, min_chars=20, max_chars=120)
+    assert len(chunks) > 1 and all(len(c) <= 120 for c in chunks)
+    assert " ".join(chunks) == text
+
+
+def test_fortune_overstrike_and_mojibake():
+    assert prepare_corpus.apply_backspaces("I *____\b\b\b\bknew* it, Ren'\be") == "I *knew* it, Rene"
+    assert prepare_corpus.clean_paragraph("You don\u00e2\u0080\u0099t need this sentence at all, friend.", 20, 200) == []
+
+
+def test_missing_required_source_names_path_and_package(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        build(tmp_path, sources=["wordnet"])
+    message = str(error.value)
+    assert str(tmp_path / "usr/share/wordnet/data.noun") in message
+    assert "wordnet-base" in message
+    # The command line reports it as an error and exits non-zero instead of writing a partial corpus.
+    assert prepare_corpus.main(["--root", str(tmp_path), "--sources", "wordnet",
+                                "--output-dir", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_optional_source_is_skipped_with_warning(fake_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="prepare_corpus"):
+        train, validation, stats = build(fake_root, sources=["fortunes", "gnu-standards"])
+    assert "gnu-standards" not in stats and stats["fortunes"]["examples"] > 0
+    assert "gnu-standards" in caplog.text and "standards.html" in caplog.text
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_main_writes_identical_files_twice(fake_root, tmp_path):
+    digests = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        prepare_corpus.main(["--root", str(fake_root), "--output-dir", str(out), "--min-chars", "20",
+                             "--sources", "fortunes", "wordnet", "python-docs", "jargon"])
+        digests.append({name: sha256(out / name) for name in ("train.txt", "validation.txt", "sources.json")})
+    assert digests[0] == digests[1]
+    lines = (tmp_path / "first" / "train.txt").read_text(encoding="utf-8").splitlines()
+    assert lines and all(lines)
+
+
+def test_load_tokenized_corpus(tmp_path):
+    from transformers import BertTokenizer
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    prepare_corpus.write_lines(corpus_dir / "train.txt", PROSE[:4])
+    prepare_corpus.write_lines(corpus_dir / "validation.txt", PROSE[4:])
+    words = sorted({w for line in PROSE for w in re.findall(r"\w+|[^\w\s]", line.lower())})
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tokenizer = BertTokenizer(vocab=vocab)
+
+    tokenized = prepare_corpus.load_tokenized_corpus(corpus_dir, tokenizer, max_length=8,
+                                                     cache_dir=str(tmp_path / "cache"))
+    assert set(tokenized) == {"train", "validation"}
+    assert tokenized["train"].num_rows == 4 and tokenized["validation"].num_rows == 2
+    assert "text" not in tokenized["train"].column_names
+    first = tokenized["train"][0]
+    assert len(first["input_ids"]) == 8                               # truncated to max_length
+    assert first["input_ids"][0] == vocab["[CLS]"] and first["input_ids"][-1] == vocab["[SEP]"]
+    assert set(first) == {"input_ids", "token_type_ids", "attention_mask"} and vocab["[UNK]"] not in first["input_ids"]
+
+    with pytest.raises(FileNotFoundError, match="prepare_corpus.py"):
+        prepare_corpus.load_tokenized_corpus(tmp_path / "nowhere", tokenizer, max_length=8)
+
+
+def test_install_script_installs_every_source_package():
+    script = (REPO_ROOT / "scripts" / "install_corpus_sources.sh").read_text()
+    for source in prepare_corpus.SOURCES:
+        assert re.search(rf"(^|\s){re.escape(source.package)}(\s|$)", script, re.MULTILINE), source.package

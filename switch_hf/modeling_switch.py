@@ -25,6 +25,7 @@ from transformers import BertModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -71,8 +72,12 @@ class SwitchExperts(nn.Module):
     """`num_experts` feed-forward networks (h -> intermediate -> h) stored as stacked 3D parameters.
 
     The layout (`up_proj`: (e, intermediate, h), `down_proj`: (e, h, intermediate), each with a bias) is the one
-    transformers' experts interface expects, so `experts_implementation="eager" | "batched_mm" | "grouped_mm"`
-    selects how the experts run, and transformers' expert-parallel plan can shard them.
+    transformers' experts interface expects, so `experts_implementation="sorted_mm" | "eager" | "batched_mm" |
+    "grouped_mm"` selects how the experts run, and transformers' expert-parallel plan can shard them.
+
+    Every implementation receives only the routed (token, expert) pairs: capacity and dropping are decided by
+    [`SwitchSparseBlock`] beforehand, so all implementations share the same semantics. Expert ids outside
+    `[0, num_experts)` are skipped (zero output): expert parallelism marks the pairs of other ranks' experts so.
     """
 
     def __init__(self, config: SwitchConfig):
@@ -101,11 +106,150 @@ class SwitchExperts(nn.Module):
         """
         output = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
+            if not 0 <= expert < self.num_experts:
+                continue  # another rank's expert under expert parallelism
             token, choice = torch.where(top_k_index == expert)
             inner = self.act_fn(F.linear(hidden_states[token], self.up_proj[expert], self.up_proj_bias[expert]))
             expert_output = F.linear(inner, self.down_proj[expert], self.down_proj_bias[expert])
             output.index_add_(0, token, expert_output * top_k_weights[token, choice, None])
         return output
+
+
+class _SortedExpertsLinear(torch.autograd.Function):
+    """`output[rows of expert i] = input[rows of expert i] @ weight[i].T + bias[i]`, for `input` sorted by expert.
+
+    One matrix product per expert that has rows, on a contiguous slice, written straight into a preallocated output;
+    experts without rows cost nothing. The backward writes each expert's weight gradient into one preallocated
+    (e, ...) tensor: letting autograd differentiate `weight[i]` would instead build a zero gradient of the whole
+    stacked weight for every expert, O(e^2) memory traffic.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, rows_per_expert: list[int], is_transposed: bool):
+        """
+        Args:
+            input: (n, in) rows sorted by expert, `rows_per_expert[i]` rows for expert i, `sum(rows_per_expert) == n`.
+            weight: (e, out, in), or (e, in, out) when `is_transposed`.
+            bias: (e, out) or None.
+        Returns:
+            (n, out).
+        """
+        output = input.new_empty(input.shape[0], weight.shape[2] if is_transposed else weight.shape[1])
+        start = 0
+        for expert, num_rows in enumerate(rows_per_expert):
+            if num_rows == 0:
+                continue
+            rows = slice(start, start + num_rows)
+            expert_weight = weight[expert] if is_transposed else weight[expert].t()  # (in, out)
+            torch.mm(input[rows], expert_weight, out=output[rows])
+            if bias is not None:
+                # In place on the view, while the slice is still in cache (`output[rows] += ...` would copy it back).
+                output[rows].add_(bias[expert])
+            start += num_rows
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.rows_per_expert = rows_per_expert
+        ctx.is_transposed = is_transposed
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
+        grad_output = grad_output.contiguous()
+        grad_input = torch.empty_like(input) if needs_input_grad else None
+        grad_weight = torch.empty_like(weight) if needs_weight_grad else None
+        grad_bias = grad_output.new_empty(weight.shape[0], grad_output.shape[1]) if needs_bias_grad else None
+
+        start = 0
+        for expert, num_rows in enumerate(ctx.rows_per_expert):
+            if num_rows == 0:
+                # The one place an expert without rows costs anything: its gradient must read zero.
+                if grad_weight is not None:
+                    grad_weight[expert].zero_()
+                if grad_bias is not None:
+                    grad_bias[expert].zero_()
+                continue
+            rows = slice(start, start + num_rows)
+            expert_grad_output = grad_output[rows]  # (rows, out)
+            if grad_input is not None:
+                expert_weight = weight[expert].t() if ctx.is_transposed else weight[expert]  # (out, in)
+                torch.mm(expert_grad_output, expert_weight, out=grad_input[rows])
+            if grad_weight is not None:
+                if ctx.is_transposed:
+                    torch.mm(input[rows].t(), expert_grad_output, out=grad_weight[expert])
+                else:
+                    torch.mm(expert_grad_output.t(), input[rows], out=grad_weight[expert])
+            if grad_bias is not None:
+                torch.sum(expert_grad_output, dim=0, out=grad_bias[expert])
+            start += num_rows
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def sorted_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The "sorted_mm" experts implementation, the default on machines without CUDA.
+
+    Sorts the (row, expert) pairs by expert once, then runs each expert as plain dense matrix products on its
+    contiguous slice (see `_SortedExpertsLinear`). Nothing builds a per-expert mask over all rows, and the Python loop
+    runs over experts, never over rows, so a row costs what it costs in a dense FFN of one expert's size; the one host
+    sync is reading the per-expert row counts. transformers' `grouped_mm` does the same on GPU, but its CPU kernel
+    (and the fallback loop, which zero-fills a full weight gradient) is slower than MKL's `mm` on these shapes.
+
+    Works with any experts module of transformers' layout (gated or not, with or without bias, transposed or not).
+
+    Args:
+        hidden_states: (p, h) rows to run.
+        top_k_index: (p, k) expert of each row and choice; ids outside [0, num_experts) are skipped (expert
+            parallelism marks other ranks' experts that way).
+        top_k_weights: (p, k) the gate value that scales each expert's output.
+    Returns:
+        (p, h) the gated sum of each row's experts' outputs; zero for a row whose experts were all skipped.
+    """
+    num_rows, top_k = top_k_index.shape
+    num_experts = self.num_experts
+    expert_ids = top_k_index.reshape(-1)  # (p * k,)
+    expert_ids = expert_ids.masked_fill((expert_ids < 0) | (expert_ids >= num_experts), num_experts)
+    # Stable, so each expert sees its rows in their original order: results do not depend on the sort.
+    order = torch.argsort(expert_ids, stable=True)  # (p * k,) pairs grouped by expert, skipped ones last
+    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts + 1)[:num_experts].tolist()
+    order = order[: sum(rows_per_expert)]  # (n,) the pairs that run
+    expert_input = hidden_states[order // top_k if top_k > 1 else order]  # (n, h)
+
+    if self.has_gate:
+        up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
+    else:
+        up_weight, up_bias = self.up_proj, self.up_proj_bias if self.has_bias else None
+    down_bias = self.down_proj_bias if self.has_bias else None
+
+    inner = _SortedExpertsLinear.apply(
+        expert_input.to(up_weight.dtype), up_weight, up_bias, rows_per_expert, self.is_transposed
+    )  # (n, intermediate), or (n, 2 * intermediate) when gated
+    inner = self._apply_gate(inner) if self.has_gate else self.act_fn(inner)  # (n, intermediate)
+    expert_output = _SortedExpertsLinear.apply(
+        inner, self.down_proj, down_bias, rows_per_expert, self.is_transposed
+    )  # (n, h)
+    if self.has_post_expert_norm:
+        expert_output = self.post_expert_norm(expert_output)
+    expert_output = expert_output * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(expert_output.dtype)
+
+    # Back to (row, choice) order, then sum each row's choices.
+    if order.shape[0] == num_rows * top_k:
+        # Every pair ran: one gather through the inverse permutation, instead of zero-filling then scattering.
+        inverse_order = torch.empty_like(order)
+        inverse_order[order] = torch.arange(order.shape[0], device=order.device)
+        output = expert_output.index_select(0, inverse_order)  # (p * k, h)
+    else:
+        output = expert_output.new_zeros(num_rows * top_k, expert_output.shape[-1]).index_copy(0, order, expert_output)
+    if top_k > 1:
+        output = output.view(num_rows, top_k, -1).sum(dim=1)
+    return output.to(hidden_states.dtype)
+
+
+# Registered globally, like transformers' own implementations: `experts_implementation="sorted_mm"` then works for
+# every model whose experts use `@use_experts_implementation`, and appears in the list of valid names.
+ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_mm_experts_forward)
 
 
 class SwitchSparseBlock(nn.Module):
@@ -337,6 +481,14 @@ class SwitchPreTrainedModel(PreTrainedModel):
             init.zeros_(module.down_proj_bias)
         elif isinstance(module, SwitchRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """transformers defaults to `grouped_mm`; where CUDA is missing, `sorted_mm` runs the experts at dense speed
+        instead (see `sorted_mm_experts_forward`). An explicit choice is kept, and an unknown one still fails with
+        the list of valid names."""
+        if requested_experts is None and not torch.cuda.is_available():
+            requested_experts = "sorted_mm"
+        return super().get_correct_experts_implementation(requested_experts)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = False, **kwargs):
@@ -600,6 +752,7 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> SwitchTokenReconstructionOutput | tuple:
         r"""
@@ -611,6 +764,9 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
                 Run the vocabulary head only where `labels` is not -100; `logits` is then `(num_labeled, vocab_size)`
                 in row-major position order. The head dominates the cost of a training step, and most positions of
                 a masked-token objective carry no loss.
+            num_items_in_batch (`int`, *optional*):
+                Labelled tokens in the whole (gradient-accumulated) batch, as `Trainer` passes it: the cross-entropy
+                is then summed and divided by it, so accumulated steps weigh every token equally.
             Other arguments: as in [`SwitchModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -642,9 +798,12 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
 
         reconstruction_loss = loss = None
         if labels is not None:
-            reconstruction_loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+            token_losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
+            if num_items_in_batch is None:
+                num_items_in_batch = (labels != -100).sum().clamp(min=1)
+            reconstruction_loss = token_losses / num_items_in_batch
             loss = reconstruction_loss + aux_loss
 
         output = SwitchTokenReconstructionOutput(

@@ -1,0 +1,226 @@
+"""The training pipeline: the collator, scripts/train.py (one process, two processes, resume, NaN stop),
+scripts/evaluate.py, and a few steps under the HF Trainer."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from switch_hf import SwitchConfig, SwitchForTokenReconstruction
+from switch_hf.data import ReconstructionCollator
+
+from conftest import REPO_ROOT, tiny_config
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a journey of a thousand miles begins with a single step",
+    "all that glitters is not gold",
+    "to be or not to be that is the question",
+    "the early bird catches the worm but the second mouse gets the cheese",
+    "knowledge is power and power corrupts",
+    "python is a programming language that lets you work quickly",
+    "an apple a day keeps the doctor away",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, minilm_path):
+    """A tiny random BERT with the real uncased tokenizer, a tiny Switch config, and a tiny corpus."""
+    root = tmp_path_factory.mktemp("training")
+    backbone = BertModel(
+        BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        add_pooling_layer=False,
+    )
+    backbone.save_pretrained(root / "backbone")
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(root / "backbone")
+    config = tiny_config(backbone_config=backbone.config, expert_intermediate_size=64)
+    config.to_json_file(root / "config.json")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n".join(SENTENCES * 8) + "\n")
+    (corpus / "validation.txt").write_text("\n".join(SENTENCES[:4]) + "\n")
+    return root
+
+
+def train_command(setup, output_dir, *extra):
+    return [
+        sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
+        "--config", str(setup / "config.json"), "--backbone", str(setup / "backbone"),
+        "--corpus-dir", str(setup / "corpus"), "--output-dir", str(output_dir),
+        "--max-length", "16", "--batch-size", "4", "--log-every", "1", "--warmup-steps", "2", *extra,
+    ]
+
+
+def run(command, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- the collator -------------------------------------------------------------------------------------------------
+
+
+def test_collator_corrupts_like_bert_and_labels_corrupted_and_identity_tokens(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    examples = [tokenizer(" ".join(["word"] * 200), truncation=True, max_length=256) for _ in range(40)]
+    collate = ReconstructionCollator(tokenizer, mask_probability=0.15, identity_probability=0.2, pad_to_multiple_of=None)
+    batch = collate(examples, generator=torch.Generator().manual_seed(0))
+    original = torch.tensor([example["input_ids"] for example in examples])
+    labelled = batch["labels"] != -100
+    changed = batch["input_ids"] != original
+    real = original != tokenizer.cls_token_id
+    real &= original != tokenizer.sep_token_id
+    assert not labelled[~real].any()  # [CLS] / [SEP] are never corrupted or scored
+    assert not changed[~labelled].any()  # every corrupted token carries a label
+    assert torch.equal(batch["labels"][labelled], original[labelled])
+    masked = (batch["input_ids"] == tokenizer.mask_token_id) & labelled
+    n_real = real.sum().item()
+    # 15% selected, 80% of them masked: 12% masked; 10% of them random; identity: 20% of the other 85%
+    assert masked.sum().item() / n_real == pytest.approx(0.12, abs=0.01)
+    assert (changed & ~masked).sum().item() / n_real == pytest.approx(0.015 * 1.0, abs=0.006)
+    assert labelled.sum().item() / n_real == pytest.approx(0.15 + 0.85 * 0.2, abs=0.015)
+    again = collate(examples, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(again["labels"], batch["labels"])
+
+
+def test_collator_rejects_bad_probabilities(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    with pytest.raises(ValueError, match="mask_probability must be in"):
+        ReconstructionCollator(tokenizer, mask_probability=1.5)
+
+
+# --- scripts/train.py ---------------------------------------------------------------------------------------------
+
+
+def test_train_script_trains_saves_and_evaluates(tiny_setup, tmp_path):
+    result = run(train_command(tiny_setup, tmp_path / "run", "--max-steps", "30", "--learning-rate", "3e-3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = metrics(tmp_path / "run")
+    assert [m["step"] for m in logged] == list(range(1, 31))
+    assert sum(m["loss"] for m in logged[-5:]) < sum(m["loss"] for m in logged[:5])
+    assert len(logged[-1]["expert_load"]) == 2 and len(logged[-1]["expert_load"][0]) == 4
+    assert all(0.0 <= d <= 1.0 for d in logged[-1]["dropped_fraction"])
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    assert SwitchForTokenReconstruction.from_pretrained(final, strict=True)
+
+    evaluation = run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--model", str(final),
+         "--corpus-dir", str(tiny_setup / "corpus"), "--output-dir", str(tmp_path / "eval"), "--max-length", "16"]
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    for key in ("identity_accuracy", "masked_top1_accuracy", "masked_top5_accuracy"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["masked_top5_accuracy"] >= results["masked_top1_accuracy"]
+    assert results["identity_tokens"] > 0 and results["masked_tokens"] > 0
+    assert (tmp_path / "eval" / "expert_load.png").stat().st_size > 0
+
+
+def test_resume_after_a_kill_continues_with_the_same_losses(tiny_setup, tmp_path):
+    total_steps = 40
+    reference = run(train_command(tiny_setup, tmp_path / "reference", "--max-steps", str(total_steps), "--save-every", "5"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    interrupted_dir = tmp_path / "interrupted"
+    command = train_command(tiny_setup, interrupted_dir, "--max-steps", str(total_steps), "--save-every", "5")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step_file = interrupted_dir / "state" / "step.json"
+    deadline = time.monotonic() + 300
+    while not step_file.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(step_file.read_text())["step"]
+    assert killed_at < total_steps, "the run finished before it could be interrupted"
+
+    resumed = run(command + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = {m["step"]: m["loss"] for m in metrics(tmp_path / "reference")}
+    continued = {m["step"]: m["loss"] for m in metrics(interrupted_dir) if m["step"] > killed_at}
+    assert sorted(continued) == list(range(killed_at + 1, total_steps + 1))
+    for step, loss in continued.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_state(tiny_setup, tmp_path):
+    result = run(
+        train_command(tiny_setup, tmp_path / "run", "--max-steps", "20", "--save-every", "1", "--learning-rate", "1e38",
+                      "--backbone-learning-rate", "1e38")
+    )
+    assert result.returncode == 1
+    assert "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
+    assert "The last good state is kept" in result.stderr
+    state = json.loads((tmp_path / "run" / "state" / "step.json").read_text())
+    assert 1 <= state["step"] < 20
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_resume_without_state_names_the_path(tiny_setup, tmp_path):
+    result = run(train_command(tiny_setup, tmp_path / "nothing", "--max-steps", "2", "--resume"))
+    assert result.returncode != 0
+    assert f"no saved state at {tmp_path / 'nothing' / 'state'}" in result.stderr
+
+
+def test_missing_corpus_names_the_path(tiny_setup, tmp_path):
+    command = train_command(tiny_setup, tmp_path / "run", "--max-steps", "2")
+    command[command.index("--corpus-dir") + 1] = str(tmp_path / "no-corpus")
+    result = run(command)
+    assert result.returncode != 0
+    assert str(tmp_path / "no-corpus" / "train.txt") in result.stderr
+
+
+def test_two_data_parallel_processes(tiny_setup, tmp_path):
+    """Two CPU processes (gloo) of the same script, launched as `torchrun --nproc-per-node 2 scripts/train.py`."""
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    command = train_command(tiny_setup, tmp_path / "ddp", "--max-steps", "4")
+    result = run(launcher + command[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es)" in result.stderr
+    logged = metrics(tmp_path / "ddp")
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
+    assert (tmp_path / "ddp" / "state" / "random_states_1.pkl").exists()  # the second rank's state is saved too
+
+
+# --- the HF Trainer -----------------------------------------------------------------------------------------------
+
+
+def test_a_few_steps_under_the_hf_trainer(tiny_setup, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_setup / "backbone")
+    dataset = Dataset.from_dict({"text": SENTENCES * 4}).map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=16), batched=True, remove_columns=["text"]
+    )
+    config = SwitchConfig.from_json_file(tiny_setup / "config.json")
+    model = SwitchForTokenReconstruction.from_backbone(str(tiny_setup / "backbone"), config=config)
+    before = model.model.layers[0].moe.experts.up_proj.detach().clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=5, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ReconstructionCollator(tokenizer))
+    result = trainer.train()
+    assert result.global_step == 5
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.model.layers[0].moe.experts.up_proj.detach(), before)

@@ -1,13 +1,16 @@
 """switch-hf: a Switch Transformer (mixture of experts) on BERT embeddings, native to Hugging Face transformers.
 
 Importing the package registers the classes with the Auto API:
-`AutoConfig` -> `SwitchConfig`, `AutoModel` -> `SwitchModel`, `AutoModelForMaskedLM` -> `SwitchForTokenReconstruction`.
+`AutoConfig` -> `SwitchConfig`, `AutoModel` -> `SwitchModel`, `AutoModelForMaskedLM` -> `SwitchForTokenReconstruction`,
+and the "token-reconstruction" pipeline with transformers' `PIPELINE_REGISTRY`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_switch import SwitchConfig
 from .modeling_switch import SwitchForTokenReconstruction, SwitchModel, SwitchPreTrainedModel
+from .pipeline_switch import TOKEN_RECONSTRUCTION_TASK, TokenReconstructionPipeline
 from .seed_api import SwitchTransformer
 
 
@@ -23,10 +26,21 @@ SwitchConfig.register_for_auto_class()
 SwitchModel.register_for_auto_class("AutoModel")
 SwitchForTokenReconstruction.register_for_auto_class("AutoModelForMaskedLM")
 
+# `pipeline("token-reconstruction", ...)`. Registered with the Auto class, not the Switch class:
+# `Pipeline.save_pretrained` writes the class names into config.json's `custom_pipelines`, and transformers resolves
+# them with `getattr(transformers, name)` when it loads the pipeline from a checkpoint.
+PIPELINE_REGISTRY.register_pipeline(
+    TOKEN_RECONSTRUCTION_TASK,
+    pipeline_class=TokenReconstructionPipeline,
+    pt_model=AutoModelForMaskedLM,
+    type="text",
+)
+
 __all__ = [
     "SwitchConfig",
     "SwitchForTokenReconstruction",
     "SwitchModel",
     "SwitchPreTrainedModel",
     "SwitchTransformer",
+    "TokenReconstructionPipeline",
 ]

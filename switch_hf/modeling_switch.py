@@ -492,20 +492,34 @@ class SwitchPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus `strict=True`: fail if any weight is missing, unexpected or of
-        another shape, instead of logging the load report and initialising the missing weights at random."""
-        if not strict:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, with two guarantees:
+
+        - weights come from safetensors only: a checkpoint that has only pickle weights (`pytorch_model.bin`) fails
+          with a clear error instead of being unpickled, unless the caller passes `use_safetensors=False`;
+        - `strict=True` fails if any weight is missing, unexpected or of another shape, instead of logging the load
+          report and initialising the missing weights at random.
+        """
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
         wants_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except OSError as error:
+            if kwargs["use_safetensors"] and "safetensors" in str(error):
+                raise OSError(
+                    f"{pretrained_model_name_or_path} has no safetensors weights (model.safetensors or "
+                    "model.safetensors.index.json). Switch checkpoints load from safetensors only, never by "
+                    "unpickling pytorch_model.bin; pass use_safetensors=False to load a pickle you trust."
+                ) from error
+            raise
         problems = {
             "missing": sorted(loading_info["missing_keys"]),
             "unexpected": sorted(loading_info["unexpected_keys"]),
             "mismatched": sorted(key for key, *_ in loading_info["mismatched_keys"]),
         }
-        if any(problems.values()):
+        if strict and any(problems.values()):
             listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
             raise ValueError(f"strict loading of {pretrained_model_name_or_path} failed; {listed}")
         return (model, loading_info) if wants_loading_info else model

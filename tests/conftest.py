@@ -36,9 +36,47 @@ def tiny_config(**overrides) -> SwitchConfig:
     return SwitchConfig(**fields)
 
 
+# Prepended to code run in a fresh interpreter that must work without the package (trust_remote_code checks).
+BLOCK_SWITCH_HF = r"""
+import importlib.abc, sys
+
+class BlockSwitchHF(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "switch_hf" or name.startswith("switch_hf."):
+            raise ImportError("switch_hf is deliberately unavailable in this process")
+
+sys.meta_path.insert(0, BlockSwitchHF())
+try:
+    import switch_hf
+    raise SystemExit("switch_hf was importable")
+except ImportError:
+    pass
+"""
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_switch(minilm_path):
+    """A tiny random SwitchForTokenReconstruction over the real uncased vocabulary (eval mode), and its tokenizer.
+
+    Dropless evaluation, as the released config: a token's output then does not depend on the batch around it.
+    """
+    from transformers import AutoTokenizer
+
+    from switch_hf import SwitchForTokenReconstruction
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    backbone = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    config = tiny_config(backbone_config=backbone, expert_intermediate_size=64, capacity_factor_eval=None)
+    return SwitchForTokenReconstruction(config).eval(), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
-from transformers import AutoTokenizer, BertConfig, pipeline
+from transformers import pipeline
 
 import hub_server
-from conftest import REPO_ROOT, tiny_config
+from conftest import BLOCK_SWITCH_HF, REPO_ROOT
 from hub_fixtures import SUBPROCESS_TIMEOUT_S, last_json_line
-from switch_hf import SwitchForTokenReconstruction, hub as switch_hub
+from switch_hf import hub as switch_hub
 
 
 def _load_push_script():
@@ -65,20 +65,8 @@ TRAINING_DATA = {
 
 # Runs with switch_hf blocked and pulls everything through olah. It starts while the repos are being pushed (importing
 # torch and transformers takes a while), reads their ids from stdin, and reports one JSON line (tensors in a file).
-PULL_EVERYTHING = r"""
-import importlib.abc, json, sys
-
-class BlockSwitchHF(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "switch_hf" or name.startswith("switch_hf."):
-            raise ImportError("switch_hf is deliberately unavailable in this process")
-
-sys.meta_path.insert(0, BlockSwitchHF())
-try:
-    import switch_hf
-    raise SystemExit("switch_hf was importable")
-except ImportError:
-    pass
+PULL_EVERYTHING = BLOCK_SWITCH_HF + r"""
+import json, sys
 
 import torch
 from huggingface_hub import ModelCard, constants
@@ -150,19 +138,6 @@ def directory_snapshot(directory: Path) -> dict[str, tuple[str, int]]:
         for path in sorted(directory.rglob("*"))
         if path.is_file()
     }
-
-
-@pytest.fixture(scope="module")
-def tiny_switch(minilm_path):
-    """A tiny random SwitchForTokenReconstruction over the real uncased vocabulary, and its tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    backbone = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    config = tiny_config(backbone_config=backbone, expert_intermediate_size=64, capacity_factor_eval=None)
-    return SwitchForTokenReconstruction(config).eval(), tokenizer
 
 
 @pytest.fixture(scope="module")

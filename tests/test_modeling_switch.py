@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertMod
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction, SwitchModel
 from switch_hf.modeling_switch import SwitchLayer, SwitchSparseBlock
 
-from conftest import TINY_VOCAB, tiny_config
+from conftest import BLOCK_SWITCH_HF, TINY_VOCAB, tiny_config
 
 
 def random_ids(batch, seq):
@@ -346,22 +346,8 @@ def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     ids = random_ids(2, 7)
     torch.save({"ids": ids, "logits": model(input_ids=ids).logits.detach()}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = BLOCK_SWITCH_HF + textwrap.dedent(
         f"""
-        import importlib.abc, sys
-        sys.path = [p for p in sys.path if p not in ("", {str(tmp_path)!r})]
-
-        class BlockSwitchHF(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "switch_hf" or name.startswith("switch_hf."):
-                    raise ImportError("switch_hf is deliberately unavailable in this process")
-
-        sys.meta_path.insert(0, BlockSwitchHF())
-        try:
-            import switch_hf
-            raise SystemExit("switch_hf was importable")
-        except ImportError:
-            pass
         import torch
         from transformers import AutoModelForMaskedLM
         model = AutoModelForMaskedLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()

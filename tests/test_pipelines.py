@@ -11,26 +11,12 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, pipeline
+from transformers import pipeline
 
-from conftest import REPO_ROOT, tiny_config
-from switch_hf import SwitchForTokenReconstruction, TokenReconstructionPipeline
+from conftest import REPO_ROOT
+from switch_hf import TokenReconstructionPipeline
 
 TEXT = "The quick brown fox jumps over the lazy dog."
-
-
-@pytest.fixture(scope="module")
-def tiny_switch(minilm_path):
-    """A tiny random SwitchForTokenReconstruction over the real uncased vocabulary, and its tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    backbone = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    # Dropless evaluation, as the released config: a token's output then does not depend on the batch around it.
-    config = tiny_config(backbone_config=backbone, expert_intermediate_size=64, capacity_factor_eval=None)
-    return SwitchForTokenReconstruction(config).eval(), tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,10 @@ def load(model_name_or_path: str):
     """The model (eval mode) and its tokenizer from a checkpoint directory or Hub id."""
     import switch_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    # A one-shot command's output is its answer: no weight-loading progress bars around it.
+    transformers_logging.disable_progress_bar()
 
     path = Path(model_name_or_path)
     if (path.is_absolute() or model_name_or_path.startswith(".")) and not path.is_dir():

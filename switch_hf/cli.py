@@ -85,7 +85,7 @@ def fill_mask(args) -> None:
     for index, candidates in enumerate(per_mask, start=1):
         print(f"{tokenizer.mask_token} #{index}:")
         for candidate in candidates:
-            print(f"  {candidate['score']:.4f}  {candidate['token_str']}")
+            print(f"  {candidate['score']:<10.4g}{candidate['token_str']}")
 
 
 def run_script(name: str, argv: list[str]) -> None:

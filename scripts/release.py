@@ -1,0 +1,83 @@
+"""Package a trained checkpoint as the released default model, in Hub layout, small enough to ship in the package.
+
+    python scripts/release.py --trained runs/release/final --eval runs/release/eval/eval_results.json
+
+Writes switch_hf/checkpoints/switch-minilm-l6-e8/ (replacing what was there): config with `auto_map`, weights as
+float16 safetensors (half the size; the config asks for float32 compute, so loading upcasts them), tokenizer, the
+model and pipeline code, `eval_results.json`, `training_data.json` (the corpus manifest plus the training
+arguments) and the rendered model card as README.md.
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from switch_hf import SwitchForTokenReconstruction
+from switch_hf.cli import RELEASED_CHECKPOINT
+from switch_hf.hub import EVAL_RESULTS_FILE, TRAINING_DATA_FILE, save_for_hub
+
+logger = logging.getLogger("release")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trained", required=True, help="the trained checkpoint (train.py's OUTPUT_DIR/final)")
+    parser.add_argument("--eval", required=True, help="its eval_results.json from scripts/evaluate.py")
+    parser.add_argument("--corpus-manifest", default=str(REPO_ROOT / "data" / "corpus" / "sources.json"))
+    parser.add_argument("--repo-id", default="switch-hf/switch-minilm-l6-e8", help="the Hub id the card names")
+    parser.add_argument("--output-dir", default=str(RELEASED_CHECKPOINT))
+    parser.add_argument("--max-megabytes", type=float, default=95.0, help="refuse a release larger than this")
+    args = parser.parse_args(argv)
+    for name in ("trained", "eval", "corpus_manifest"):
+        if not Path(getattr(args, name)).exists():
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file or directory")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    trained = Path(args.trained)
+    model = SwitchForTokenReconstruction.from_pretrained(trained, strict=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    eval_results = json.loads(Path(args.eval).read_text())
+    eval_results.pop("model", None)  # a local path, meaningless in a release
+    training_data = json.loads(Path(args.corpus_manifest).read_text())
+    training_data["base_model"] = "sentence-transformers/all-MiniLM-L6-v2"
+    arguments = trained.parent / "args.json"
+    if arguments.exists():
+        training_data["procedure"] = json.loads(arguments.read_text())
+
+    output_dir = Path(args.output_dir)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent if output_dir.parent.exists() else None) as staging:
+        staging = Path(staging) / output_dir.name
+        save_for_hub(
+            model.to(torch.float16), tokenizer, staging, args.repo_id,
+            eval_results=eval_results, training_data=training_data,
+        )
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = "float32"  # stored in half precision, computed in full precision on CPU
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (staging / EVAL_RESULTS_FILE).write_text(json.dumps(eval_results, indent=2) + "\n")
+        (staging / TRAINING_DATA_FILE).write_text(json.dumps(training_data, indent=2) + "\n")
+
+        megabytes = sum(path.stat().st_size for path in staging.rglob("*") if path.is_file()) / 1e6
+        if megabytes > args.max_megabytes:
+            raise SystemExit(f"the release is {megabytes:.1f} MB, over --max-megabytes {args.max_megabytes}")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), output_dir)
+    logger.info("released %s (%.1f MB)", output_dir, megabytes)
+
+
+if __name__ == "__main__":
+    main()

@@ -67,7 +67,11 @@ def reconstruct(args) -> None:
     with torch.no_grad():
         logits = model(**inputs).logits
     print(f"Output shape: {tuple(logits.shape)}")
-    decoded = tokenizer.decode(logits.argmax(-1)[0].tolist(), skip_special_tokens=True)
+    # [CLS] and [SEP] positions carry no text: decode what the model predicts at the text's own tokens.
+    input_ids = inputs["input_ids"][0].tolist()
+    is_special = tokenizer.get_special_tokens_mask(input_ids, already_has_special_tokens=True)
+    predicted = [token for token, special in zip(logits.argmax(-1)[0].tolist(), is_special) if not special]
+    decoded = tokenizer.decode(predicted, skip_special_tokens=True)
     print(f"Decoded output: {decoded}")
 
 

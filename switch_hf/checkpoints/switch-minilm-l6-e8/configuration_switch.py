@@ -1,0 +1,204 @@
+"""Configuration of the Switch model: a BERT backbone followed by Switch (mixture-of-experts) layers.
+
+The backbone's own configuration is nested under `backbone_config`; the Switch layers share its hidden size and
+vocabulary. Every field is validated when the config is built: a bad value raises `ValueError` naming the field.
+"""
+
+from transformers import AutoConfig, BertConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import SubConfigSpec
+
+
+ROUTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SwitchConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SwitchModel`] and [`SwitchForTokenReconstruction`].
+
+    Args:
+        backbone_config (`BertConfig` or `dict`, *optional*):
+            The BERT backbone whose embeddings feed the Switch layers. Its `hidden_size`, `vocab_size` and
+            `max_position_embeddings` are the model's. Defaults to bert-base-uncased's shape.
+        freeze_backbone (`bool`, defaults to `False`):
+            Keep the backbone's weights fixed (and in eval mode) while training.
+        num_switch_layers (`int`, defaults to 2):
+            Number of Switch layers stacked on the backbone.
+        num_attention_heads (`int`, defaults to 12):
+            Attention heads of each Switch layer; must divide the hidden size.
+        hidden_dropout_prob (`float`, defaults to 0.1):
+            Dropout on the attention and MoE outputs before each residual add.
+        attention_dropout (`float`, defaults to 0.0):
+            Dropout on the attention probabilities.
+        layer_norm_eps (`float`, defaults to 1e-12):
+            Epsilon of the Switch layers' LayerNorms (BERT's value).
+        num_experts (`int`, defaults to 8):
+            Number of experts in each Switch layer.
+        expert_intermediate_size (`int`, *optional*):
+            Inner size of each expert's feed-forward network. Defaults to the backbone's `intermediate_size`, so that
+            experts can be upcycled from the backbone's own feed-forward weights.
+        expert_hidden_act (`str`, defaults to `"gelu"`):
+            Activation inside the experts (a key of `transformers.activations.ACT2FN`).
+        expert_dropout (`float`, defaults to 0.0):
+            Dropout on the experts' inner activations (the Switch paper's "expert dropout", used when fine-tuning).
+        top_k (`int`, defaults to 1):
+            Experts per token. 1 is the Switch Transformer; larger values give GShard/ST-MoE style top-k routing.
+        capacity_factor_train (`float` or `None`, defaults to 1.25):
+            Expert capacity while training, as a multiple of the even share `top_k * tokens / num_experts`.
+            Tokens over capacity are dropped and pass through the residual unchanged. `None` drops no token.
+        capacity_factor_eval (`float` or `None`, defaults to 2.0):
+            The same in eval mode. `None` drops no token (dropless routing).
+        router_jitter_noise (`float`, defaults to 0.01):
+            Multiplicative noise, uniform in `[1 - eps, 1 + eps]`, on the router's input while training only.
+        router_dtype (`str`, defaults to `"float32"`):
+            Dtype of the router computation, whatever the model's dtype.
+        router_aux_loss_coef (`float`, defaults to 0.01):
+            Weight of the load-balancing loss in the training loss.
+        router_z_loss_coef (`float`, defaults to 0.001):
+            Weight of the router z-loss in the training loss.
+        output_router_logits (`bool`, defaults to `False`):
+            Return each layer's router logits and the auxiliary losses by default.
+        tie_word_embeddings (`bool`, defaults to `True`):
+            Tie the vocabulary head to the backbone's word embeddings.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the normal initialiser of new weights (BERT's value).
+    """
+
+    model_type = "switch"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+    # Expert parallelism: transformers' engine shards the stacked expert weights along the expert dimension and
+    # wraps the experts module with its all-to-all token dispatch.
+    base_model_ep_plan = {
+        "layers.*.moe.experts.up_proj": "grouped_gemm",
+        "layers.*.moe.experts.up_proj_bias": "grouped_gemm",
+        "layers.*.moe.experts.down_proj": "grouped_gemm",
+        "layers.*.moe.experts.down_proj_bias": "grouped_gemm",
+        "layers.*.moe.experts": "ep_dispatch_experts",
+    }
+    # FSDP2 (`DistributedConfig(fsdp_size=...)`): each Switch layer is gathered for its own forward and backward and
+    # freed after (its experts, under expert parallelism, are sharded on their own mesh); the backbone's layers are
+    # named on the backbone's config, below. Everything else, the tied embeddings and head included, stays in the
+    # root group, which is kept gathered for the whole step.
+    base_model_fsdp_plan = {"layers.*": "free_full_weight", "norm": "keep_full_weight"}
+
+    # --- backbone ---
+    backbone_config: dict | PreTrainedConfig | None = None
+    freeze_backbone: bool = False
+
+    # --- Switch layers ---
+    num_switch_layers: int = 2
+    num_attention_heads: int = 12
+    hidden_dropout_prob: float = 0.1
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-12
+
+    # --- experts ---
+    num_experts: int = 8
+    expert_intermediate_size: int | None = None
+    expert_hidden_act: str = "gelu"
+    # Fedus et al. (2021), section 2.4: a higher dropout inside the experts only helps fine-tuning; off by default.
+    expert_dropout: float = 0.0
+
+    # --- router ---
+    top_k: int = 1
+    # Fedus et al. (2021) train at 1.0-1.25 and evaluate at 2.0: evaluation must not drop tokens to look good.
+    capacity_factor_train: float | None = 1.25
+    capacity_factor_eval: float | None = 2.0
+    # Fedus et al. (2021), table 3: multiplicative input jitter of 1e-2 stabilises training.
+    router_jitter_noise: float = 0.01
+    # Fedus et al. (2021), "selective precision": the router's softmax is unstable in bfloat16.
+    router_dtype: str = "float32"
+
+    # --- losses ---
+    # Fedus et al. (2021) use alpha = 1e-2; Zoph et al. (2022, ST-MoE) use a z-loss weight of 1e-3.
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    output_router_logits: bool = False
+
+    # --- head and initialisation ---
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not isinstance(self.backbone_config, BertConfig):
+            raise ValueError(
+                f"backbone_config must describe a BERT model (model_type 'bert'), got "
+                f"{type(self.backbone_config).__name__} with model_type {self.backbone_config.model_type!r}"
+            )
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = self.backbone_config.intermediate_size
+        # BertConfig inherits transformers' default FSDP plan, written for decoder layouts (`embed_tokens`,
+        # `layers.*`, `norm`) that BertModel does not have: name BERT's own layers instead. Not serialised.
+        self.backbone_config.base_model_fsdp_plan = {"encoder.layer.*": "free_full_weight"}
+        self._check_fields()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backbone_config.vocab_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.backbone_config.max_position_embeddings
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.backbone_config.pad_token_id
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.num_switch_layers
+
+    def _check_fields(self):
+        def fail(field, value, expected):
+            raise ValueError(f"SwitchConfig.{field} must be {expected}, got {value!r}")
+
+        def check_int(field, minimum):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                fail(field, value, f"an integer >= {minimum}")
+
+        def check_probability(field):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                fail(field, value, "a number in [0, 1)")
+
+        def check_non_negative(field):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                fail(field, value, "a number >= 0")
+
+        for field in ("num_switch_layers", "num_attention_heads", "num_experts", "expert_intermediate_size", "top_k"):
+            check_int(field, minimum=1)
+        if self.top_k > self.num_experts:
+            fail("top_k", self.top_k, f"<= num_experts ({self.num_experts})")
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail(
+                "num_attention_heads",
+                self.num_attention_heads,
+                f"a divisor of the backbone's hidden_size ({self.hidden_size})",
+            )
+        for field in ("capacity_factor_train", "capacity_factor_eval"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                fail(field, value, "a number > 0, or None for dropless routing")
+        for field in ("hidden_dropout_prob", "attention_dropout", "expert_dropout", "router_jitter_noise"):
+            check_probability(field)
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "initializer_range"):
+            check_non_negative(field)
+        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
+            fail("layer_norm_eps", self.layer_norm_eps, "a number > 0")
+        if self.expert_hidden_act not in ACT2FN:
+            fail("expert_hidden_act", self.expert_hidden_act, f"one of {sorted(ACT2FN)}")
+        if self.router_dtype not in ROUTER_DTYPES:
+            fail("router_dtype", self.router_dtype, f"one of {list(ROUTER_DTYPES)}")
+        for field in ("freeze_backbone", "tie_word_embeddings", "output_router_logits"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, getattr(self, field), "True or False")
+
+
+__all__ = ["SwitchConfig"]

@@ -1,0 +1,849 @@
+"""Switch Transformer layers on top of a BERT backbone, for token reconstruction and fill-mask.
+
+    input_ids --BERT backbone--> hidden states --N x SwitchLayer--> LayerNorm --head--> token logits
+
+Each `SwitchLayer` is pre-LayerNorm multi-head self-attention followed by a Switch mixture-of-experts feed-forward
+block: a float32 router sends every token to its top-k experts (top-1 by default), each expert accepts at most
+`capacity` tokens, and tokens over capacity are dropped, passing through the residual unchanged (Fedus et al.,
+2021, "Switch Transformers"; Zoph et al., 2022, "ST-MoE" for top-k priority and the router z-loss).
+
+Index letters in shape comments: b batch, s sequence, h hidden, t tokens (b * s), e experts, k top-k choices,
+p routed (token, expert) pairs, v vocabulary.
+
+This file and `configuration_switch.py` import only torch and transformers, so that `save_pretrained` can ship
+them with a checkpoint for `trust_remote_code=True`.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import BertModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_switch import SwitchConfig
+
+
+class LayerRouting(NamedTuple):
+    """What one Switch layer's router decided, for the losses, the outputs and logging.
+
+    router_logits: (t, e) in the router dtype. expert_index: (t, k), -1 where the token was dropped or is padding.
+    load_balancing_loss, z_loss, dropped_fraction: scalars. tokens_per_expert: (e,) tokens each expert processed.
+    """
+
+    router_logits: torch.Tensor
+    expert_index: torch.Tensor
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+
+class SwitchRouter(nn.Module):
+    """Linear router without bias: one logit per expert for every token."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.jitter_noise = config.router_jitter_noise
+        self.dtype = getattr(torch, config.router_dtype)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (t, h) -> router logits (t, e) in the router dtype."""
+        # Selective precision (Fedus et al., 2021, section 2.4): the softmax over experts is unstable in bfloat16.
+        hidden_states = hidden_states.to(self.dtype)
+        if self.training and self.jitter_noise > 0:
+            # The noise perturbs only the routing decision, never the experts' input.
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        return F.linear(hidden_states, self.weight.to(self.dtype))  # (t, e)
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class SwitchExperts(nn.Module):
+    """`num_experts` feed-forward networks (h -> intermediate -> h) stored as stacked 3D parameters.
+
+    The layout (`up_proj`: (e, intermediate, h), `down_proj`: (e, h, intermediate), each with a bias) is the one
+    transformers' experts interface expects, so `experts_implementation="sorted_mm" | "eager" | "batched_mm" |
+    "grouped_mm"` selects how the experts run, and transformers' expert-parallel plan can shard them.
+
+    Every implementation receives only the routed (token, expert) pairs: capacity and dropping are decided by
+    [`SwitchSparseBlock`] beforehand, so all implementations share the same semantics. Expert ids outside
+    `[0, num_experts)` are skipped (zero output): expert parallelism marks the pairs of other ranks' experts so.
+    """
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        intermediate, hidden = config.expert_intermediate_size, config.hidden_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, intermediate, hidden))
+        self.up_proj_bias = nn.Parameter(torch.empty(self.num_experts, intermediate))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, intermediate))
+        self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden))
+        # Expert dropout sits on the inner activations (Fedus et al., 2021, section 2.4). Folding it into `act_fn`
+        # keeps it inside every experts implementation, which all call `act_fn` between the two projections.
+        self.act_fn = nn.Sequential(ACT2FN[config.expert_hidden_act], nn.Dropout(config.expert_dropout))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The reference ("eager") implementation, one expert at a time.
+
+        Args:
+            hidden_states: (p, h) the routed tokens.
+            top_k_index: (p, k) the expert of each token and choice.
+            top_k_weights: (p, k) the gate value that scales each expert's output.
+        Returns:
+            (p, h) the gated sum of each token's experts' outputs.
+        """
+        output = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            if not 0 <= expert < self.num_experts:
+                continue  # another rank's expert under expert parallelism
+            token, choice = torch.where(top_k_index == expert)
+            inner = self.act_fn(F.linear(hidden_states[token], self.up_proj[expert], self.up_proj_bias[expert]))
+            expert_output = F.linear(inner, self.down_proj[expert], self.down_proj_bias[expert])
+            output.index_add_(0, token, expert_output * top_k_weights[token, choice, None])
+        return output
+
+
+class _SortedExpertsLinear(torch.autograd.Function):
+    """`output[rows of expert i] = input[rows of expert i] @ weight[i].T + bias[i]`, for `input` sorted by expert.
+
+    One matrix product per expert that has rows, on a contiguous slice, written straight into a preallocated output;
+    experts without rows cost nothing. The backward writes each expert's weight gradient into one preallocated
+    (e, ...) tensor: letting autograd differentiate `weight[i]` would instead build a zero gradient of the whole
+    stacked weight for every expert, O(e^2) memory traffic.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, rows_per_expert: list[int], is_transposed: bool):
+        """
+        Args:
+            input: (n, in) rows sorted by expert, `rows_per_expert[i]` rows for expert i, `sum(rows_per_expert) == n`.
+            weight: (e, out, in), or (e, in, out) when `is_transposed`.
+            bias: (e, out) or None.
+        Returns:
+            (n, out).
+        """
+        output = input.new_empty(input.shape[0], weight.shape[2] if is_transposed else weight.shape[1])
+        start = 0
+        for expert, num_rows in enumerate(rows_per_expert):
+            if num_rows == 0:
+                continue
+            rows = slice(start, start + num_rows)
+            expert_weight = weight[expert] if is_transposed else weight[expert].t()  # (in, out)
+            torch.mm(input[rows], expert_weight, out=output[rows])
+            if bias is not None:
+                # In place on the view, while the slice is still in cache (`output[rows] += ...` would copy it back).
+                output[rows].add_(bias[expert])
+            start += num_rows
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.rows_per_expert = rows_per_expert
+        ctx.is_transposed = is_transposed
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
+        grad_output = grad_output.contiguous()
+        grad_input = torch.empty_like(input) if needs_input_grad else None
+        grad_weight = torch.empty_like(weight) if needs_weight_grad else None
+        grad_bias = grad_output.new_empty(weight.shape[0], grad_output.shape[1]) if needs_bias_grad else None
+
+        start = 0
+        for expert, num_rows in enumerate(ctx.rows_per_expert):
+            if num_rows == 0:
+                # The one place an expert without rows costs anything: its gradient must read zero.
+                if grad_weight is not None:
+                    grad_weight[expert].zero_()
+                if grad_bias is not None:
+                    grad_bias[expert].zero_()
+                continue
+            rows = slice(start, start + num_rows)
+            expert_grad_output = grad_output[rows]  # (rows, out)
+            if grad_input is not None:
+                expert_weight = weight[expert].t() if ctx.is_transposed else weight[expert]  # (out, in)
+                torch.mm(expert_grad_output, expert_weight, out=grad_input[rows])
+            if grad_weight is not None:
+                if ctx.is_transposed:
+                    torch.mm(input[rows].t(), expert_grad_output, out=grad_weight[expert])
+                else:
+                    torch.mm(expert_grad_output.t(), input[rows], out=grad_weight[expert])
+            if grad_bias is not None:
+                torch.sum(expert_grad_output, dim=0, out=grad_bias[expert])
+            start += num_rows
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def sorted_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The "sorted_mm" experts implementation, the default on machines without CUDA.
+
+    Sorts the (row, expert) pairs by expert once, then runs each expert as plain dense matrix products on its
+    contiguous slice (see `_SortedExpertsLinear`). Nothing builds a per-expert mask over all rows, the Python loop
+    runs over experts, never over rows, and experts without rows cost nothing; the one host sync is reading the
+    per-expert row counts. Unlike transformers' `grouped_mm`, it needs no grouped-GEMM kernel (its CPU fallback
+    zero-fills a whole weight gradient), adds each expert's bias on its slice instead of gathering a bias per row, and
+    runs the same on every torch version. `docs/benchmarks.md` compares the two.
+
+    Works with any experts module of transformers' layout (gated or not, with or without bias, transposed or not).
+
+    Args:
+        hidden_states: (p, h) rows to run.
+        top_k_index: (p, k) expert of each row and choice; ids outside [0, num_experts) are skipped (expert
+            parallelism marks other ranks' experts that way).
+        top_k_weights: (p, k) the gate value that scales each expert's output.
+    Returns:
+        (p, h) the gated sum of each row's experts' outputs; zero for a row whose experts were all skipped.
+    """
+    num_rows, top_k = top_k_index.shape
+    num_experts = self.num_experts
+    expert_ids = top_k_index.reshape(-1)  # (p * k,)
+    expert_ids = expert_ids.masked_fill((expert_ids < 0) | (expert_ids >= num_experts), num_experts)
+    # Stable, so each expert sees its rows in their original order: results do not depend on the sort.
+    order = torch.argsort(expert_ids, stable=True)  # (p * k,) pairs grouped by expert, skipped ones last
+    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts + 1)[:num_experts].tolist()
+    order = order[: sum(rows_per_expert)]  # (n,) the pairs that run
+    expert_input = hidden_states[order // top_k if top_k > 1 else order]  # (n, h)
+
+    if self.has_gate:
+        up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
+    else:
+        up_weight, up_bias = self.up_proj, self.up_proj_bias if self.has_bias else None
+    down_bias = self.down_proj_bias if self.has_bias else None
+
+    inner = _SortedExpertsLinear.apply(
+        expert_input.to(up_weight.dtype), up_weight, up_bias, rows_per_expert, self.is_transposed
+    )  # (n, intermediate), or (n, 2 * intermediate) when gated
+    inner = self._apply_gate(inner) if self.has_gate else self.act_fn(inner)  # (n, intermediate)
+    expert_output = _SortedExpertsLinear.apply(
+        inner, self.down_proj, down_bias, rows_per_expert, self.is_transposed
+    )  # (n, h)
+    if self.has_post_expert_norm:
+        expert_output = self.post_expert_norm(expert_output)
+    expert_output = expert_output * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(expert_output.dtype)
+
+    # Back to (row, choice) order, then sum each row's choices.
+    if order.shape[0] == num_rows * top_k:
+        # Every pair ran: one gather through the inverse permutation, instead of zero-filling then scattering.
+        inverse_order = torch.empty_like(order)
+        inverse_order[order] = torch.arange(order.shape[0], device=order.device)
+        output = expert_output.index_select(0, inverse_order)  # (p * k, h)
+    else:
+        output = expert_output.new_zeros(num_rows * top_k, expert_output.shape[-1]).index_copy(0, order, expert_output)
+    if top_k > 1:
+        output = output.view(num_rows, top_k, -1).sum(dim=1)
+    return output.to(hidden_states.dtype)
+
+
+# Registered globally, like transformers' own implementations: `experts_implementation="sorted_mm"` then works for
+# every model whose experts use `@use_experts_implementation`, and appears in the list of valid names.
+ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_mm_experts_forward)
+
+
+class SwitchSparseBlock(nn.Module):
+    """The Switch feed-forward block: route every token, enforce expert capacity, run the experts."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.capacity_factor_train = config.capacity_factor_train
+        self.capacity_factor_eval = config.capacity_factor_eval
+        self.router = SwitchRouter(config)
+        self.experts = SwitchExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+        """
+        Args:
+            hidden_states: (b, s, h).
+            token_mask: (b, s) bool, False for padding: padding is never routed and never counted in the losses.
+        Returns:
+            The block's output (b, s, h), zero for dropped and padding tokens, and the layer's routing.
+        """
+        batch, seq, hidden = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden)  # (t, h)
+        token_mask = token_mask.reshape(-1)  # (t,)
+
+        router_logits = self.router(tokens)  # (t, e)
+        router_probs = router_logits.float().softmax(dim=-1)  # (t, e)
+        gate, expert_choice = router_probs.topk(self.top_k, dim=-1)  # (t, k), (t, k)
+
+        capacity_factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
+        kept = self._within_capacity(expert_choice, token_mask, capacity_factor)  # (t, k) bool
+
+        token, choice = kept.nonzero(as_tuple=True)  # (p,), (p,)
+        expert_output = self.experts(
+            tokens[token],  # (p, h)
+            expert_choice[token, choice].unsqueeze(-1),  # (p, 1)
+            gate[token, choice].unsqueeze(-1).to(tokens.dtype),  # (p, 1)
+        )
+        output = torch.zeros_like(tokens).index_add_(0, token, expert_output)  # (t, h)
+
+        routing = self._routing_summary(router_logits, router_probs, expert_choice, kept, token_mask)
+        return output.view(batch, seq, hidden), routing
+
+    def _within_capacity(
+        self, expert_choice: torch.Tensor, token_mask: torch.Tensor, capacity_factor: float | None
+    ) -> torch.Tensor:
+        """Which (token, choice) pairs fit in their expert: (t, k) bool.
+
+        Each expert takes at most ceil(capacity_factor * k * real_tokens / e) pairs. Priority goes choice by choice,
+        then in token order: every token's first choice is served before any second choice (ST-MoE, GShard).
+        The ranking sorts pairs by expert instead of building a (tokens x experts) mask, so its cost does not grow
+        with the number of experts.
+        """
+        num_tokens, top_k = expert_choice.shape
+        routable = token_mask.unsqueeze(-1).expand(num_tokens, top_k)  # (t, k)
+        if capacity_factor is None:
+            return routable.clone()
+
+        # Choice-major order: all first choices, then all second choices. Padding goes to an extra bucket `e`.
+        pair_expert = expert_choice.t().masked_fill(~routable.t(), self.num_experts).reshape(-1)  # (k * t,)
+        sorted_expert, order = torch.sort(pair_expert, stable=True)
+        pairs_per_expert = torch.bincount(sorted_expert, minlength=self.num_experts + 1)  # (e + 1,)
+        first_slot = pairs_per_expert.cumsum(0) - pairs_per_expert
+        rank_sorted = torch.arange(pair_expert.numel(), device=pair_expert.device) - first_slot[sorted_expert]
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (k * t,) position in its expert
+
+        capacity = torch.ceil(capacity_factor * top_k * token_mask.sum() / self.num_experts)
+        return routable & (rank.view(top_k, num_tokens).t() < capacity)
+
+    def _routing_summary(self, router_logits, router_probs, expert_choice, kept, token_mask) -> LayerRouting:
+        """Aux losses and load statistics over the real (non-padding) tokens."""
+        weight = token_mask.float()  # (t,)
+        num_real = weight.sum().clamp(min=1.0)
+        top_k = expert_choice.shape[-1]
+
+        # Load-balancing loss, N * sum_i f_i * P_i (Fedus et al., 2021, eq. 4-6). f_i is the fraction of routing
+        # choices that pick expert i before capacity is applied, so that sum_i f_i = 1 for any k and a uniform
+        # router gives exactly 1.0.
+        choices = torch.zeros(self.num_experts, device=weight.device).index_add_(
+            0, expert_choice.reshape(-1), weight.repeat_interleave(top_k)
+        )  # (e,)
+        fraction_routed = choices / (num_real * top_k)
+        mean_probability = (router_probs * weight.unsqueeze(-1)).sum(0) / num_real  # (e,)
+        load_balancing_loss = self.num_experts * (fraction_routed * mean_probability).sum()
+
+        # Router z-loss (Zoph et al., 2022, eq. 5): keeps the router's logits small, hence its softmax stable.
+        z_loss = ((router_logits.float().logsumexp(dim=-1) ** 2) * weight).sum() / num_real
+
+        tokens_per_expert = torch.zeros(self.num_experts, device=weight.device).index_add_(
+            0, expert_choice[kept], torch.ones_like(expert_choice[kept], dtype=torch.float)
+        )  # (e,)
+        dropped_fraction = 1.0 - kept.sum() / (num_real * top_k)
+        return LayerRouting(
+            router_logits=router_logits,
+            expert_index=expert_choice.masked_fill(~kept, -1),
+            load_balancing_loss=load_balancing_loss,
+            z_loss=z_loss,
+            tokens_per_expert=tokens_per_expert,
+            dropped_fraction=dropped_fraction,
+        )
+
+
+class SwitchAttention(nn.Module):
+    """Multi-head self-attention over the whole sequence through `scaled_dot_product_attention`."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (b, s, h); attention_mask: (b, 1, 1, s) bool, True where a key may be attended to."""
+        batch, seq, _ = hidden_states.shape
+        heads_shape = (batch, seq, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
+        key = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
+        value = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (b, heads, s, head_dim)
+        attended = attended.transpose(1, 2).reshape(batch, seq, -1)  # (b, s, h)
+        return self.o_proj(attended)
+
+
+class SwitchLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer layer whose feed-forward sublayer is a Switch MoE block."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = SwitchAttention(config)
+        self.moe_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.moe = SwitchSparseBlock(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, LayerRouting]:
+        """hidden_states: (b, s, h) -> (b, s, h) and the layer's routing."""
+        hidden_states = hidden_states + self.dropout(self.attention(self.attention_norm(hidden_states), attention_mask))
+        moe_output, routing = self.moe(self.moe_norm(hidden_states), token_mask)
+        # A dropped token's MoE output is zero: the residual carries it through unchanged.
+        return hidden_states + self.dropout(moe_output), routing
+
+
+@dataclass
+class SwitchModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Output of the last Switch layer, after the final LayerNorm.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        The backbone's output followed by each Switch layer's output, each `(batch_size, sequence_length, hidden)`.
+    router_logits (`tuple(torch.FloatTensor)`, *optional*, returned with `output_router_logits=True`):
+        Each layer's router logits, `(batch_size, sequence_length, num_experts)`, in the router dtype.
+    expert_indices (`tuple(torch.LongTensor)`):
+        Each layer's chosen experts, `(batch_size, sequence_length, top_k)`; -1 where a token was dropped for lack of
+        capacity or is padding.
+    tokens_per_expert (`torch.FloatTensor` of shape `(num_switch_layers, num_experts)`):
+        How many tokens each expert processed in each layer.
+    dropped_fraction (`torch.FloatTensor` of shape `(num_switch_layers,)`):
+        Fraction of the real tokens' routing choices dropped for lack of capacity, per layer.
+    load_balancing_loss (`torch.FloatTensor` of shape `()`):
+        Mean over layers of the Switch load-balancing loss (1.0 for a perfectly uniform router).
+    router_z_loss (`torch.FloatTensor` of shape `()`):
+        Mean over layers of the router z-loss.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    expert_indices: tuple[torch.LongTensor, ...] | None = None
+    tokens_per_expert: torch.FloatTensor | None = None
+    dropped_fraction: torch.FloatTensor | None = None
+    load_balancing_loss: torch.FloatTensor | None = None
+    router_z_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class SwitchTokenReconstructionOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
+        `reconstruction_loss + aux_loss`, the loss to train on.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Token logits; `argmax` then `tokenizer.decode` gives the reconstructed text.
+    reconstruction_loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
+        Token cross-entropy over the positions whose label is not -100.
+    aux_loss (`torch.FloatTensor` of shape `()`):
+        `router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`.
+    load_balancing_loss, router_z_loss, hidden_states, router_logits, expert_indices, tokens_per_expert,
+    dropped_fraction:
+        As in [`SwitchModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    load_balancing_loss: torch.FloatTensor | None = None
+    router_z_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    expert_indices: tuple[torch.LongTensor, ...] | None = None
+    tokens_per_expert: torch.FloatTensor | None = None
+    dropped_fraction: torch.FloatTensor | None = None
+
+
+class SwitchPreTrainedModel(PreTrainedModel):
+    config_class = SwitchConfig
+    config: SwitchConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SwitchLayer", "BertLayer", "BertEmbeddings"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, SwitchExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            init.zeros_(module.down_proj_bias)
+        elif isinstance(module, SwitchRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """transformers defaults to `grouped_mm`; where CUDA is missing, `sorted_mm` runs the experts at dense speed
+        instead (see `sorted_mm_experts_forward`). An explicit choice is kept, and an unknown one still fails with
+        the list of valid names."""
+        if requested_experts is None and not torch.cuda.is_available():
+            requested_experts = "sorted_mm"
+        return super().get_correct_experts_implementation(requested_experts)
+
+    def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
+        # Only the Switch layers have experts. transformers copies a requested implementation into every sub-config,
+        # and BertModel, built from `backbone_config` right after this check, rejects "grouped_mm": keep the
+        # backbone on its default.
+        backbone_config = getattr(self.config, "backbone_config", None)
+        if backbone_config is not None:
+            backbone_config._experts_implementation_internal = None
+        return super()._check_and_adjust_experts_implementation(experts_implementation)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with two guarantees:
+
+        - weights come from safetensors only: a checkpoint that has only pickle weights (`pytorch_model.bin`) fails
+          with a clear error instead of being unpickled, unless the caller passes `use_safetensors=False`;
+        - `strict=True` fails if any weight is missing, unexpected or of another shape, instead of logging the load
+          report and initialising the missing weights at random.
+        """
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except OSError as error:
+            if kwargs["use_safetensors"] and "safetensors" in str(error):
+                raise OSError(
+                    f"{pretrained_model_name_or_path} has no safetensors weights (model.safetensors or "
+                    "model.safetensors.index.json). Switch checkpoints load from safetensors only, never by "
+                    "unpickling pytorch_model.bin; pass use_safetensors=False to load a pickle you trust."
+                ) from error
+            raise
+        problems = {
+            "missing": sorted(loading_info["missing_keys"]),
+            "unexpected": sorted(loading_info["unexpected_keys"]),
+            "mismatched": sorted(key for key, *_ in loading_info["mismatched_keys"]),
+        }
+        if strict and any(problems.values()):
+            listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
+            raise ValueError(f"strict loading of {pretrained_model_name_or_path} failed; {listed}")
+        return (model, loading_info) if wants_loading_info else model
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone_name_or_path,
+        config: SwitchConfig | None = None,
+        upcycle_experts: bool = False,
+        **backbone_kwargs,
+    ):
+        """A new model whose backbone holds the pretrained BERT at `backbone_name_or_path`; the Switch layers and
+        the head are initialised at random (the head's decoder stays tied to the backbone's word embeddings).
+
+        Args:
+            backbone_name_or_path: a directory or Hub id of a BERT checkpoint (`BertModel.from_pretrained`).
+            config: the Switch configuration; its `backbone_config` is replaced by the checkpoint's, which must agree
+                on `hidden_size` and `vocab_size`. Defaults to `SwitchConfig()`. The caller's config is not changed.
+            upcycle_experts: start every expert as a copy of the backbone's last feed-forward block instead of at
+                random (sparse upcycling, Komatsuzaki et al., 2022). Needs `expert_intermediate_size` equal to the
+                backbone's `intermediate_size` and the same activation.
+            backbone_kwargs: passed to `BertModel.from_pretrained`.
+        """
+        backbone = BertModel.from_pretrained(backbone_name_or_path, add_pooling_layer=False, **backbone_kwargs)
+        config = config if config is not None else SwitchConfig()
+        for field in ("hidden_size", "vocab_size"):
+            ours, theirs = getattr(config.backbone_config, field), getattr(backbone.config, field)
+            if ours != theirs:
+                raise ValueError(
+                    f"config.backbone_config.{field} is {ours} but the backbone at {backbone_name_or_path!r} has "
+                    f"{field}={theirs}"
+                )
+        config_dict = config.to_dict()
+        config_dict["backbone_config"] = backbone.config.to_dict()
+        model = cls(SwitchConfig.from_dict(config_dict))
+        model.base_model.backbone.load_state_dict(backbone.state_dict())
+        if upcycle_experts:
+            model.base_model.upcycle_experts_from_backbone()
+        return model
+
+
+class SwitchModel(SwitchPreTrainedModel):
+    """BERT backbone -> `num_switch_layers` Switch layers -> LayerNorm."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__(config)
+        self.backbone = BertModel(config.backbone_config, add_pooling_layer=False)
+        self.layers = nn.ModuleList([SwitchLayer(config) for _ in range(config.num_switch_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+        if config.freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    @torch.no_grad()
+    def upcycle_experts_from_backbone(self):
+        """Copy the backbone's last feed-forward block into every expert of every Switch layer (Komatsuzaki et al.,
+        2022): training starts from a known-good FFN, and the router learns to tell the copies apart."""
+        dense = self.backbone.encoder.layer[-1]
+        if self.config.expert_intermediate_size != self.config.backbone_config.intermediate_size:
+            raise ValueError(
+                f"upcycling needs expert_intermediate_size ({self.config.expert_intermediate_size}) equal to the "
+                f"backbone's intermediate_size ({self.config.backbone_config.intermediate_size})"
+            )
+        if self.config.expert_hidden_act != self.config.backbone_config.hidden_act:
+            raise ValueError(
+                f"upcycling needs expert_hidden_act ({self.config.expert_hidden_act!r}) equal to the backbone's "
+                f"hidden_act ({self.config.backbone_config.hidden_act!r})"
+            )
+        for layer in self.layers:
+            experts = layer.moe.experts
+            experts.up_proj.copy_(dense.intermediate.dense.weight.expand_as(experts.up_proj))
+            experts.up_proj_bias.copy_(dense.intermediate.dense.bias.expand_as(experts.up_proj_bias))
+            experts.down_proj.copy_(dense.output.dense.weight.expand_as(experts.down_proj))
+            experts.down_proj_bias.copy_(dense.output.dense.bias.expand_as(experts.down_proj_bias))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            # A frozen backbone is a fixed feature extractor: its dropout would only add noise to the features.
+            self.backbone.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        backbone_hidden_states: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SwitchModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids; the backbone turns them into hidden states. Give these or `backbone_hidden_states`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding. Padding is never attended to, routed, or counted in the losses.
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Segment ids for the backbone.
+            backbone_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+                Precomputed backbone output (e.g. `BertModel(...).last_hidden_state`), used instead of `input_ids`.
+            output_hidden_states (`bool`, *optional*): return the backbone's and every Switch layer's output.
+            output_router_logits (`bool`, *optional*): return every layer's router logits.
+        """
+        if kwargs:
+            raise TypeError(f"SwitchModel.forward got unexpected arguments: {sorted(kwargs)}")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        hidden_states, token_mask = self._embed(input_ids, attention_mask, token_type_ids, backbone_hidden_states)
+        attention_mask = token_mask[:, None, None, :]  # (b, 1, 1, s) keys each query may attend to
+
+        all_hidden_states = (hidden_states,)
+        routings = []
+        for layer in self.layers:
+            hidden_states, routing = layer(hidden_states, attention_mask, token_mask)
+            all_hidden_states += (hidden_states,)
+            routings.append(routing)
+        hidden_states = self.norm(hidden_states)
+
+        batch, seq, _ = hidden_states.shape
+        output = SwitchModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            router_logits=tuple(r.router_logits.view(batch, seq, -1) for r in routings)
+            if output_router_logits
+            else None,
+            expert_indices=tuple(r.expert_index.view(batch, seq, -1) for r in routings),
+            tokens_per_expert=torch.stack([r.tokens_per_expert for r in routings]),
+            dropped_fraction=torch.stack([r.dropped_fraction for r in routings]),
+            load_balancing_loss=torch.stack([r.load_balancing_loss for r in routings]).mean(),
+            router_z_loss=torch.stack([r.z_loss for r in routings]).mean(),
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _embed(self, input_ids, attention_mask, token_type_ids, backbone_hidden_states):
+        """Checks the inputs and returns the backbone's hidden states (b, s, h) and the token mask (b, s) bool."""
+        if (input_ids is None) == (backbone_hidden_states is None):
+            raise ValueError("Pass exactly one of `input_ids` or `backbone_hidden_states`, not both and not neither.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must be (batch_size, sequence_length), got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                raise ValueError(
+                    f"`input_ids` must be in [0, {self.config.vocab_size - 1}] (the vocabulary), got values from "
+                    f"{input_ids.min().item()} to {input_ids.max().item()}"
+                )
+            if input_ids.shape[1] > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"`input_ids` has {input_ids.shape[1]} tokens per sequence but the backbone accepts at most "
+                    f"max_position_embeddings={self.config.max_position_embeddings}; truncate the input "
+                    f"(tokenizer(..., truncation=True))"
+                )
+            batch_shape = tuple(input_ids.shape)
+        else:
+            if backbone_hidden_states.dim() != 3 or backbone_hidden_states.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"`backbone_hidden_states` must be (batch_size, sequence_length, hidden_size={self.config.hidden_size}),"
+                    f" got shape {tuple(backbone_hidden_states.shape)}"
+                )
+            batch_shape = tuple(backbone_hidden_states.shape[:2])
+            if token_type_ids is not None:
+                raise ValueError("`token_type_ids` is for the backbone; it cannot apply to `backbone_hidden_states`.")
+
+        if attention_mask is None:
+            token_mask = torch.ones(batch_shape, dtype=torch.bool, device=self.device)
+        elif tuple(attention_mask.shape) != batch_shape:
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, sequence_length)={batch_shape}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        else:
+            token_mask = attention_mask.bool()
+
+        if backbone_hidden_states is not None:
+            return backbone_hidden_states, token_mask
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            backbone_output = self.backbone(
+                input_ids=input_ids, attention_mask=token_mask.long(), token_type_ids=token_type_ids
+            )
+        return backbone_output.last_hidden_state, token_mask
+
+
+class SwitchReconstructionHead(nn.Module):
+    """BERT-style prediction head: dense -> activation -> LayerNorm -> vocabulary projection."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.backbone_config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(..., h) -> logits (..., v)."""
+        return self.decoder(self.norm(self.act_fn(self.dense(hidden_states))))
+
+
+class SwitchForTokenReconstruction(SwitchPreTrainedModel):
+    """[`SwitchModel`] with a vocabulary head (tied to the backbone's word embeddings) that reconstructs tokens.
+
+    Serves fill-mask too: a `[MASK]` position's logits rank the candidate tokens.
+    """
+
+    _tied_weights_keys = {"head.decoder.weight": "model.backbone.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__(config)
+        self.model = SwitchModel(config)
+        self.head = SwitchReconstructionHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.head.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        backbone_hidden_states: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        only_labeled_logits: bool = False,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> SwitchTokenReconstructionOutput | tuple:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Target token ids; -100 marks positions without a loss. With labels, `loss` is the token cross-entropy
+                plus the weighted router losses.
+            only_labeled_logits (`bool`, defaults to `False`):
+                Run the vocabulary head only where `labels` is not -100; `logits` is then `(num_labeled, vocab_size)`
+                in row-major position order. The head dominates the cost of a training step, and most positions of
+                a masked-token objective carry no loss.
+            num_items_in_batch (`int`, *optional*):
+                Labelled tokens in the whole (gradient-accumulated) batch, as `Trainer` passes it: the cross-entropy
+                is then summed and divided by it, so accumulated steps weigh every token equally.
+            Other arguments: as in [`SwitchModel.forward`].
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            backbone_hidden_states=backbone_hidden_states,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            return_dict=True,
+            **kwargs,
+        )
+        batch_shape = tuple(outputs.last_hidden_state.shape[:2])
+        if labels is not None and tuple(labels.shape) != batch_shape:
+            raise ValueError(f"`labels` must have shape (batch_size, sequence_length)={batch_shape}, got {tuple(labels.shape)}")
+        if only_labeled_logits and labels is None:
+            raise ValueError("`only_labeled_logits=True` needs `labels`: it keeps the positions whose label is not -100")
+
+        hidden_states = outputs.last_hidden_state  # (b, s, h)
+        if only_labeled_logits:
+            labeled = labels != -100
+            hidden_states, labels = hidden_states[labeled], labels[labeled]  # (n, h), (n,)
+        logits = self.head(hidden_states)  # (b, s, v), or (n, v) with only_labeled_logits
+        aux_loss = (
+            self.config.router_aux_loss_coef * outputs.load_balancing_loss
+            + self.config.router_z_loss_coef * outputs.router_z_loss
+        )
+
+        reconstruction_loss = loss = None
+        if labels is not None:
+            token_losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            if num_items_in_batch is None:
+                num_items_in_batch = (labels != -100).sum().clamp(min=1)
+            reconstruction_loss = token_losses / num_items_in_batch
+            loss = reconstruction_loss + aux_loss
+
+        output = SwitchTokenReconstructionOutput(
+            loss=loss,
+            logits=logits,
+            reconstruction_loss=reconstruction_loss,
+            aux_loss=aux_loss,
+            load_balancing_loss=outputs.load_balancing_loss,
+            router_z_loss=outputs.router_z_loss,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits,
+            expert_indices=outputs.expert_indices,
+            tokens_per_expert=outputs.tokens_per_expert,
+            dropped_fraction=outputs.dropped_fraction,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["SwitchPreTrainedModel", "SwitchModel", "SwitchForTokenReconstruction"]

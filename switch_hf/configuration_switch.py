@@ -75,6 +75,11 @@ class SwitchConfig(PreTrainedConfig):
         "layers.*.moe.experts.down_proj_bias": "grouped_gemm",
         "layers.*.moe.experts": "ep_dispatch_experts",
     }
+    # FSDP2 (`DistributedConfig(fsdp_size=...)`): each Switch layer is gathered for its own forward and backward and
+    # freed after (its experts, under expert parallelism, are sharded on their own mesh); the backbone's layers are
+    # named on the backbone's config, below. Everything else, the tied embeddings and head included, stays in the
+    # root group, which is kept gathered for the whole step.
+    base_model_fsdp_plan = {"layers.*": "free_full_weight", "norm": "keep_full_weight"}
 
     # --- backbone ---
     backbone_config: dict | PreTrainedConfig | None = None
@@ -123,6 +128,9 @@ class SwitchConfig(PreTrainedConfig):
             )
         if self.expert_intermediate_size is None:
             self.expert_intermediate_size = self.backbone_config.intermediate_size
+        # BertConfig inherits transformers' default FSDP plan, written for decoder layouts (`embed_tokens`,
+        # `layers.*`, `norm`) that BertModel does not have: name BERT's own layers instead. Not serialised.
+        self.backbone_config.base_model_fsdp_plan = {"encoder.layer.*": "free_full_weight"}
         self._check_fields()
 
     @property

@@ -192,10 +192,11 @@ def sorted_mm_experts_forward(
     """The "sorted_mm" experts implementation, the default on machines without CUDA.
 
     Sorts the (row, expert) pairs by expert once, then runs each expert as plain dense matrix products on its
-    contiguous slice (see `_SortedExpertsLinear`). Nothing builds a per-expert mask over all rows, and the Python loop
-    runs over experts, never over rows, so a row costs what it costs in a dense FFN of one expert's size; the one host
-    sync is reading the per-expert row counts. transformers' `grouped_mm` does the same on GPU, but its CPU kernel
-    (and the fallback loop, which zero-fills a full weight gradient) is slower than MKL's `mm` on these shapes.
+    contiguous slice (see `_SortedExpertsLinear`). Nothing builds a per-expert mask over all rows, the Python loop
+    runs over experts, never over rows, and experts without rows cost nothing; the one host sync is reading the
+    per-expert row counts. Unlike transformers' `grouped_mm`, it needs no grouped-GEMM kernel (its CPU fallback
+    zero-fills a whole weight gradient), adds each expert's bias on its slice instead of gathering a bias per row, and
+    runs the same on every torch version. `docs/benchmarks.md` compares the two.
 
     Works with any experts module of transformers' layout (gated or not, with or without bias, transposed or not).
 
@@ -489,6 +490,15 @@ class SwitchPreTrainedModel(PreTrainedModel):
         if requested_experts is None and not torch.cuda.is_available():
             requested_experts = "sorted_mm"
         return super().get_correct_experts_implementation(requested_experts)
+
+    def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
+        # Only the Switch layers have experts. transformers copies a requested implementation into every sub-config,
+        # and BertModel, built from `backbone_config` right after this check, rejects "grouped_mm": keep the
+        # backbone on its default.
+        backbone_config = getattr(self.config, "backbone_config", None)
+        if backbone_config is not None:
+            backbone_config._experts_implementation_internal = None
+        return super()._check_and_adjust_experts_implementation(experts_implementation)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = False, **kwargs):

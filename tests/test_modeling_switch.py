@@ -43,7 +43,8 @@ def block_and_input(num_experts=4, top_k=1, capacity_factor=1.0, batch=3, seq=10
     config = tiny_config(num_experts=num_experts, top_k=top_k, capacity_factor_eval=capacity_factor)
     block = SwitchSparseBlock(config).eval()
     torch.nn.init.normal_(block.router.weight, std=1.0)  # a confident, unbalanced router: drops happen
-    for name in ("up_proj", "down_proj"):
+    # A bare block's parameters are torch.empty: initialise every one, biases included, or garbage leaks in.
+    for name in ("up_proj", "down_proj", "up_proj_bias", "down_proj_bias"):
         torch.nn.init.normal_(getattr(block.experts, name), std=0.1)
     hidden = torch.randn(batch, seq, config.hidden_size)
     return config, block, hidden
@@ -120,6 +121,7 @@ def test_padding_is_never_routed():
 def test_one_expert_equals_the_dense_ffn_in_outputs_and_gradients():
     config = tiny_config(num_experts=1, capacity_factor_train=None, router_jitter_noise=0.0, expert_dropout=0.0)
     block = SwitchSparseBlock(config).train()
+    torch.nn.init.normal_(block.router.weight)  # torch.empty otherwise: a NaN logit would poison the gate
     for name in ("up_proj", "down_proj", "up_proj_bias", "down_proj_bias"):
         torch.nn.init.normal_(getattr(block.experts, name), std=0.1)
     up = block.experts.up_proj[0].detach().clone().requires_grad_()

@@ -15,20 +15,17 @@ from transformers import BertConfig
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY_VOCAB, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with gloo",
 )
 
-VOCAB = 120
-
-
 def deterministic_config(num_experts: int) -> SwitchConfig:
     """A tiny model without any randomness in training mode (no dropout, no jitter), whose capacity still drops."""
     backbone = BertConfig(
-        vocab_size=VOCAB,
+        vocab_size=TINY_VOCAB,
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=4,
@@ -37,12 +34,9 @@ def deterministic_config(num_experts: int) -> SwitchConfig:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return SwitchConfig(
+    return tiny_config(
         backbone_config=backbone,
-        num_switch_layers=2,
-        num_attention_heads=4,
         num_experts=num_experts,
-        expert_intermediate_size=48,
         top_k=2,
         capacity_factor_train=1.0,
         capacity_factor_eval=None,
@@ -77,7 +71,7 @@ def two_process_run(tmp_path_factory):
     model.save_pretrained(tmp_path / "checkpoint")
     SwitchForTokenReconstruction(deterministic_config(num_experts=3)).save_pretrained(tmp_path / "indivisible")
 
-    input_ids = [torch.randint(1, VOCAB, (2, 9)) for _ in range(2)]
+    input_ids = [torch.randint(1, TINY_VOCAB, (2, 9)) for _ in range(2)]
     labels = [ids.masked_fill(torch.rand(ids.shape) < 0.3, -100) for ids in input_ids]
     torch.save({"input_ids": input_ids, "labels": labels}, tmp_path / "inputs.pt")
 

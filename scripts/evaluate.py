@@ -6,7 +6,7 @@ Measures, over the validation split's real (non-special) tokens:
 - identity reconstruction: the input is left as it is; how often the argmax token is the input token;
 - masked top-1 / top-5: a seeded `--mask-probability` share of tokens is replaced by [MASK] (all of them, no random
   or kept tokens: this is what fill-mask sees); how often the original token is the first, or among the first five;
-- per layer, the fraction of tokens each expert receives and the fraction dropped for lack of capacity.
+- per router, the fraction of tokens each expert receives and the fraction dropped for lack of capacity.
 Writes OUTPUT_DIR/eval_results.json and OUTPUT_DIR/expert_load.png.
 """
 
@@ -73,8 +73,8 @@ def evaluate(model, tokenizer, examples, batch_size: int, mask_probability: floa
         predicted = identity.logits.argmax(-1)  # (real tokens,)
         totals["identity_correct"] += (predicted == batch["input_ids"][real]).sum().item()
         totals["identity_tokens"] += real.sum().item()
-        layer_load = identity.tokens_per_expert  # (layers, experts)
-        tokens_per_expert = layer_load if tokens_per_expert is None else tokens_per_expert + layer_load
+        router_load = identity.tokens_per_expert  # (routers, experts)
+        tokens_per_expert = router_load if tokens_per_expert is None else tokens_per_expert + router_load
         dropped = identity.dropped_fraction if dropped is None else dropped + identity.dropped_fraction
         routed_batches += 1
 
@@ -109,13 +109,14 @@ def evaluate(model, tokenizer, examples, batch_size: int, mask_probability: floa
     }
 
 
-def plot_expert_load(expert_load: list[list[float]], path: Path, title: str) -> None:
-    layers, experts = len(expert_load), len(expert_load[0])
-    figure, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3), sharey=True, squeeze=False)
-    for layer, axis in enumerate(axes[0]):
-        axis.bar(range(experts), expert_load[layer])
+def plot_expert_load(expert_load: list[list[float]], router_names: list[str], path: Path, title: str) -> None:
+    """One bar chart per router (one per Switch layer, two in a layer that routes attention and feed-forward)."""
+    routers, experts = len(expert_load), len(expert_load[0])
+    figure, axes = plt.subplots(1, routers, figsize=(3.2 * routers, 3), sharey=True, squeeze=False)
+    for router, axis in enumerate(axes[0]):
+        axis.bar(range(experts), expert_load[router])
         axis.axhline(1 / experts, color="grey", linestyle="--", linewidth=1, label="uniform")
-        axis.set_title(f"Switch layer {layer}")
+        axis.set_title(router_names[router])
         axis.set_xlabel("expert")
         axis.set_xticks(range(experts))
     axes[0][0].set_ylabel("fraction of tokens")
@@ -138,11 +139,11 @@ def main(argv=None):
     if args.max_examples is not None:
         validation = validation.select(range(min(args.max_examples, len(validation))))
 
-    results = {"model": args.model, **evaluate(model, tokenizer, validation, args.batch_size, args.mask_probability, args.seed)}
+    results = {"model": args.model, "routers": model.config.router_names, **evaluate(model, tokenizer, validation, args.batch_size, args.mask_probability, args.seed)}
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-    plot_expert_load(results["expert_load"], output_dir / "expert_load.png", f"Expert load: {model_path.name}")
+    plot_expert_load(results["expert_load"], results["routers"], output_dir / "expert_load.png", f"Expert load: {model_path.name}")
     logger.info(
         "identity %.4f | masked top-1 %.4f | masked top-5 %.4f | dropped %s",
         results["identity_accuracy"],

@@ -112,10 +112,11 @@ def save_state_atomically(accelerator: Accelerator, state_dir: Path, step: int) 
 
 
 def routing_summary(output) -> dict:
-    """Per layer: the fraction of tokens each expert received, and the fraction dropped."""
+    """Per router (`config.router_names`: one per Switch layer, two where a layer routes attention and
+    feed-forward): the fraction of tokens each expert received, and the fraction dropped."""
     loads = output.tokens_per_expert / output.tokens_per_expert.sum(-1, keepdim=True).clamp(min=1)
     return {
-        "expert_load": [[round(x, 4) for x in layer] for layer in loads.tolist()],
+        "expert_load": [[round(x, 4) for x in router] for router in loads.tolist()],
         "dropped_fraction": [round(x, 4) for x in output.dropped_fraction.tolist()],
     }
 

@@ -161,12 +161,19 @@ def widget_examples(tokenizer) -> list[dict[str, str]]:
 
 
 def _parameter_counts(model) -> dict[str, int]:
-    """All parameters (tied ones once), and those one token runs through: the router picks `top_k` of the
-    `num_experts` experts in each Switch layer."""
+    """All parameters (tied ones once), and those one token runs through: each router picks `top_k` of its
+    `num_experts` experts (feed-forward experts, or attention experts' query and output projections)."""
     total = sum(parameter.numel() for parameter in model.parameters())
-    expert_parameters = sum(
-        parameter.numel() for layer in model.base_model.layers for parameter in layer.moe.experts.parameters()
-    )
+    expert_parameters = 0
+    for layer in model.base_model.layers:
+        if layer.routes_feed_forward:
+            expert_parameters += sum(parameter.numel() for parameter in layer.moe.experts.parameters())
+        if layer.routes_attention:
+            attention = layer.attention
+            expert_parameters += sum(
+                parameter.numel()
+                for parameter in (attention.q_proj, attention.q_proj_bias, attention.o_proj, attention.o_proj_bias)
+            )
     config = model.config
     active = total - expert_parameters + expert_parameters * config.top_k // config.num_experts
     return {"total": total, "active": active}

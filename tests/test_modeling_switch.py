@@ -95,11 +95,11 @@ def test_dropped_tokens_leave_the_block_unchanged():
     assert torch.all(output[dropped] == 0)
     assert torch.all(output[~dropped].abs().sum(-1) > 0)
 
-    layer = SwitchLayer(config).eval()
+    layer = SwitchLayer(config, layer_index=0).eval()
     layer.moe = block
     attention_mask = mask[:, None, None, :]
     after_attention = hidden + layer.attention(layer.attention_norm(hidden), attention_mask)
-    layer_output, layer_routing = layer(hidden, attention_mask, mask)
+    layer_output, (layer_routing,) = layer(hidden, attention_mask, mask)
     dropped = (layer_routing.expert_index == -1).all(-1).view(mask.shape)
     assert dropped.any()
     torch.testing.assert_close(layer_output[dropped], after_attention[dropped], rtol=0, atol=0)
@@ -191,8 +191,8 @@ def test_aux_losses_on_a_hand_computed_case():
     mask = torch.tensor([True, True, True, False])  # the last token is padding and must not count
     probs = logits.softmax(-1)
     gate, choice = probs.topk(1, dim=-1)
-    kept = block._within_capacity(choice, mask, None)
-    routing = block._routing_summary(logits, probs, choice, kept, mask)
+    kept = block.router._within_capacity(choice, mask, None)
+    routing = block.router._routing_summary(logits, probs, choice, kept, mask)
     # f = (2/3, 1/3); P = ((.75 + .75 + .25) / 3, (.25 + .25 + .75) / 3); loss = 2 * (f . P)
     expected = 2 * (2 / 3 * 1.75 / 3 + 1 / 3 * 1.25 / 3)
     assert routing.load_balancing_loss.item() == pytest.approx(expected)
@@ -310,8 +310,9 @@ def test_gradients_reach_router_experts_and_unfrozen_backbone(freeze_backbone):
 # --- saving and loading -------------------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip_is_bit_identical(tmp_path):
-    model = SwitchForTokenReconstruction(tiny_config()).eval()
+@pytest.mark.parametrize("expert_kinds", [None, "ab"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, expert_kinds):
+    model = SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     assert (tmp_path / "modeling_switch.py").exists() and (tmp_path / "configuration_switch.py").exists()
@@ -339,12 +340,13 @@ def test_missing_weights_are_named_and_strict_loading_fails(tmp_path, caplog):
     assert info["missing_keys"] == {missing}
 
 
-def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
+@pytest.mark.parametrize("expert_kinds", [None, "ab"])
+def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, expert_kinds):
     import subprocess
     import sys
     import textwrap
 
-    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    model = SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).eval()
     model.save_pretrained(tmp_path / "ckpt")
     ids = random_ids(2, 7)
     torch.save({"ids": ids, "logits": model(input_ids=ids).logits.detach()}, tmp_path / "expected.pt")

@@ -16,6 +16,10 @@ memory of a forward+backward (parameters, plus everything allocated during the s
 profiler's allocation trace. It then times `SwitchForTokenReconstruction` end to end, inference and a training step
 (forward, backward, AdamW), against the same model with a dense FFN in place of each MoE block.
 
+Attention experts (`SwitchAttentionExperts`: routed query/output projections, shared keys/values) are timed the same
+way against one dense multi-head attention layer of the same active size (`SwitchAttention`), for
+`--attention-experts` (8 and 32 by default), top-1 and dropless.
+
     python scripts/bench_moe.py                                  # the issue's shapes, about 3-4 minutes on 2 cores
     python scripts/bench_moe.py --experts 8 --repeats 3 --skip-end-to-end
     python scripts/bench_moe.py --implementations sorted_mm grouped_mm eager --experts 8 32
@@ -48,7 +52,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction
-from switch_hf.modeling_switch import LayerRouting, SwitchSparseBlock
+from switch_hf.modeling_switch import LayerRouting, SwitchAttention, SwitchAttentionExperts, SwitchSparseBlock
 
 logger = logging.getLogger("bench_moe")
 
@@ -58,6 +62,7 @@ TARGET_FORWARD_BACKWARD = 1.20
 TARGET_SPEEDUP_OVER_TRANSFORMERS = 2.0
 TARGET_MEMORY = 1.3
 TARGET_END_TO_END = 0.9
+TARGET_ATTENTION_FORWARD = 1.25  # issue #6: attention experts against one dense attention layer, 8 and 32 experts
 # Implementations too slow or too large at the issue's shapes to run by default: `eager` differentiates
 # `weight[expert]` for every expert, an O(e^2) backward (about 100 s a step at 128 experts on 2 cores), and
 # `batched_mm` gathers one weight matrix per token, (tokens, ffn, h) floats: 19 GB at 4,096 tokens.
@@ -71,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--ffn", type=int, default=1536, help="inner size of one expert and of the dense FFN")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--heads", type=int, default=12, help="attention heads (attention experts' benchmark)")
+    parser.add_argument("--attention-experts", type=int, nargs="*", default=[8, 32], help="none: skip them")
     parser.add_argument("--implementations", nargs="+", default=list(DEFAULT_IMPLEMENTATIONS))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender and mode (median kept)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per contender and mode first")
@@ -109,6 +116,23 @@ def peak_step_bytes(step) -> int:
     return peak
 
 
+def forward_step(forward):
+    def step():
+        with torch.no_grad():
+            forward()
+
+    return step
+
+
+def forward_backward_step(forward, parameters, output_grad):
+    def step():
+        for parameter in parameters:
+            parameter.grad = None  # as `optimizer.zero_grad()`: each step allocates its gradients
+        forward().backward(output_grad)
+
+    return step
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -131,12 +155,13 @@ def time_interleaved(steps: dict, repeats: int, warmup: int, desc: str) -> dict:
 # --- the contenders -----------------------------------------------------------------------------------------------
 
 
-def switch_block(args, num_experts: int) -> SwitchSparseBlock:
-    """A Switch MoE block at the benchmark's shapes: top-1, dropless, no jitter or dropout."""
-    backbone = BertConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_attention_heads=1)
-    config = SwitchConfig(
+def bench_config(args, num_experts: int) -> SwitchConfig:
+    """The benchmark's shapes: top-1, dropless, no jitter or dropout."""
+    backbone = BertConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_attention_heads=args.heads)
+    return SwitchConfig(
         backbone_config=backbone,
-        num_attention_heads=1,
+        num_attention_heads=args.heads,
+        attention_dropout=0.0,
         num_experts=num_experts,
         expert_intermediate_size=args.ffn,
         expert_hidden_act="gelu",
@@ -146,7 +171,11 @@ def switch_block(args, num_experts: int) -> SwitchSparseBlock:
         router_jitter_noise=0.0,
         expert_dropout=0.0,
     )
-    block = SwitchSparseBlock(config).train()
+
+
+def switch_block(args, num_experts: int) -> SwitchSparseBlock:
+    """A Switch MoE block at the benchmark's shapes."""
+    block = SwitchSparseBlock(bench_config(args, num_experts)).train()
     with torch.no_grad():
         for parameter in block.parameters():
             parameter.normal_(std=0.02)
@@ -239,21 +268,6 @@ def bench_experts(args, num_experts: int) -> dict:
         _, routing = block(inputs, torch.ones(inputs.shape[:2], dtype=torch.bool))
     load = routing.tokens_per_expert
 
-    def forward_step(forward):
-        def step():
-            with torch.no_grad():
-                forward()
-
-        return step
-
-    def forward_backward_step(forward, parameters):
-        def step():
-            for parameter in parameters:
-                parameter.grad = None  # as `optimizer.zero_grad()`: each step allocates its gradients
-            forward().backward(output_grad)
-
-        return step
-
     experts = block.experts
     expert_weights = [experts.up_proj, experts.down_proj, experts.up_proj_bias, experts.down_proj_bias]
 
@@ -265,7 +279,7 @@ def bench_experts(args, num_experts: int) -> dict:
     steps = {"stream": stream}
     for name, (_, forward, parameters) in found.items():
         steps[f"{name}|forward"] = forward_step(forward)
-        steps[f"{name}|forward_backward"] = forward_backward_step(forward, parameters)
+        steps[f"{name}|forward_backward"] = forward_backward_step(forward, parameters, output_grad)
     timings = time_interleaved(steps, args.repeats, args.warmup, desc=f"{num_experts} experts")
 
     memory = {}
@@ -273,7 +287,7 @@ def bench_experts(args, num_experts: int) -> dict:
         for name, (_, forward, parameters) in found.items():
             for parameter in parameters:
                 parameter.grad = None
-            step_peak = peak_step_bytes(forward_backward_step(forward, parameters))
+            step_peak = peak_step_bytes(forward_backward_step(forward, parameters, output_grad))
             memory[name] = {"parameter_bytes": tensor_bytes(parameters), "step_peak_bytes": step_peak}
             memory[name]["peak_bytes"] = memory[name]["parameter_bytes"] + step_peak
             for parameter in parameters:
@@ -305,6 +319,50 @@ def bench_experts(args, num_experts: int) -> dict:
         "expert_weight_bytes": tensor_bytes(expert_weights),
         "stream_ms": 1e3 * stream_s,
         "floor_ms": {mode: 1e3 * seconds for mode, seconds in floor.items()},
+        "tokens_per_expert": {"min": int(load.min()), "max": int(load.max()), "mean": float(load.mean())},
+        "contenders": rows,
+    }
+
+
+# --- attention experts --------------------------------------------------------------------------------------------
+
+
+def bench_attention_experts(args, num_experts: int) -> dict:
+    """Attention experts against one dense multi-head attention layer of the same active size, same inputs."""
+    config = bench_config(args, num_experts)
+    dense, routed = SwitchAttention(config).train(), SwitchAttentionExperts(config).train()
+    with torch.no_grad():
+        for parameter in [*dense.parameters(), *routed.parameters()]:
+            parameter.normal_(std=0.02)
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(args.tokens // args.seq_len, args.seq_len, args.hidden, generator=generator)
+    output_grad = torch.randn(inputs.shape, generator=generator)
+    token_mask = torch.ones(inputs.shape[:2], dtype=torch.bool)
+    attention_mask = token_mask[:, None, None, :]
+    found = {
+        "dense attention": (lambda: dense(inputs, attention_mask), list(dense.parameters())),
+        "switch-hf attention experts": (lambda: routed(inputs, attention_mask, token_mask)[0], list(routed.parameters())),
+    }
+    steps = {}
+    for name, (forward, parameters) in found.items():
+        steps[f"{name}|forward"] = forward_step(forward)
+        steps[f"{name}|forward_backward"] = forward_backward_step(forward, parameters, output_grad)
+    timings = time_interleaved(steps, args.repeats, args.warmup, desc=f"{num_experts} attention experts")
+    with torch.no_grad():
+        load = routed(inputs, attention_mask, token_mask)[1].tokens_per_expert
+    rows = {}
+    for name in found:
+        rows[name] = {}
+        for mode in ("forward", "forward_backward"):
+            seconds = timings[f"{name}|{mode}"]["median_s"]
+            rows[name][mode] = {
+                "median_ms": 1e3 * seconds,
+                "samples_ms": [1e3 * s for s in timings[f"{name}|{mode}"]["samples_s"]],
+                "to_dense": seconds / timings[f"dense attention|{mode}"]["median_s"],
+            }
+    return {
+        "num_experts": num_experts,
+        "heads": args.heads,
         "tokens_per_expert": {"min": int(load.min()), "max": int(load.max()), "mean": float(load.mean())},
         "contenders": rows,
     }
@@ -396,8 +454,8 @@ def bench_end_to_end(args) -> dict:
 # --- report -------------------------------------------------------------------------------------------------------
 
 
-def targets(results: list[dict], end_to_end: dict | None) -> list[dict]:
-    """Each target of issue #3 for switch-hf's default implementation, met or not, with the figure measured."""
+def targets(results: list[dict], end_to_end: dict | None, attention_results: list[dict]) -> list[dict]:
+    """Each target of issues #3 and #6 for switch-hf's default implementation, met or not, with the figure measured."""
     checks = []
 
     def check(name, value, limit, higher_is_better=False):
@@ -432,6 +490,9 @@ def targets(results: list[dict], end_to_end: dict | None) -> list[dict]:
                 TARGET_END_TO_END,
                 higher_is_better=True,
             )
+    for result in attention_results:
+        row = result["contenders"]["switch-hf attention experts"]
+        check(f"{result['num_experts']} attention experts: forward to_dense", row["forward"]["to_dense"], TARGET_ATTENTION_FORWARD)
     return checks
 
 
@@ -471,7 +532,16 @@ def print_report(report: dict):
             tps = e2e[mode]["tokens_per_s"]
             print(f"  {mode:<14} switch {tps['switch']:8.0f} tok/s   dense twin {tps['dense_twin']:8.0f} tok/s   "
                   f"ratio {e2e[mode]['switch_to_dense_twin']:.2f}")
-    print("\ntargets (issue #3, switch-hf's default implementation sorted_mm):")
+    if report["attention_experts"]:
+        print(f"\nattention experts vs one dense attention layer ({report['heads']} heads, sequence {report['seq_len']}):")
+        for result in report["attention_experts"]:
+            for name, row in result["contenders"].items():
+                print(
+                    f"{result['num_experts']:>7}  {name:<30} fwd {row['forward']['median_ms']:8.1f} ms "
+                    f"{row['forward']['to_dense']:5.2f}x   fwd+bwd {row['forward_backward']['median_ms']:8.1f} ms "
+                    f"{row['forward_backward']['to_dense']:5.2f}x"
+                )
+    print("\ntargets (issue #3, switch-hf's default implementation sorted_mm; issue #6, attention experts):")
     for check in report["targets"]:
         print(f"  [{'met' if check['met'] else 'MISSED'}] {check['target']}: {check['measured']} (limit {check['limit']})")
 
@@ -487,6 +557,7 @@ def main(argv=None):
         "seq_len": args.seq_len,
         "hidden": args.hidden,
         "ffn": args.ffn,
+        "heads": args.heads,
         "dtype": "float32",
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -500,9 +571,10 @@ def main(argv=None):
     started = time.perf_counter()
     report["experts"] = [bench_experts(args, num_experts) for num_experts in args.experts]
     report["end_to_end"] = None if args.skip_end_to_end else bench_end_to_end(args)
+    report["attention_experts"] = [bench_attention_experts(args, n) for n in args.attention_experts]
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    report["targets"] = targets(report["experts"], report["end_to_end"])
+    report["targets"] = targets(report["experts"], report["end_to_end"], report["attention_experts"])
     print_report(report)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -20,14 +20,4 @@ for backbone in frozen finetuned; do
       --max-examples "$examples" >> "$out/$name.log" 2>&1
   done
 done
-python - "$out" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-rows = {}
-for run in sorted(p for p in out.iterdir() if (p / "eval" / "eval_results.json").exists()):
-    result = json.loads((run / "eval" / "eval_results.json").read_text())
-    rows[run.name] = {k: result[k] for k in ("identity_accuracy", "masked_top1_accuracy", "masked_top5_accuracy")}
-(out / "comparison.json").write_text(json.dumps(rows, indent=2))
-print(json.dumps(rows, indent=2))
-PY
+python scripts/summarize_runs.py "$out"

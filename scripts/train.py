@@ -51,7 +51,10 @@ def parse_args(argv=None):
     parser.add_argument("--corpus-dir", default=str(REPO_ROOT / "data" / "corpus"))
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--freeze-backbone", action="store_true", help="train only the Switch layers and the head")
-    parser.add_argument("--upcycle", action="store_true", help="start the experts from the backbone's last FFN")
+    parser.add_argument("--upcycle", action="store_true", help="start the experts from the backbone's last layer")
+    parser.add_argument(
+        "--expert-kinds", default=None, help="override the config's expert_kinds with a letter pattern, e.g. 'ab'"
+    )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step, over all processes")
     parser.add_argument("--max-steps", type=int, default=2000)
@@ -146,6 +149,8 @@ def main(argv=None):
     config = SwitchConfig.from_json_file(args.config)
     if args.freeze_backbone:
         config.freeze_backbone = True
+    if args.expert_kinds is not None:
+        config = SwitchConfig.from_dict({**config.to_dict(), "expert_kinds": args.expert_kinds})  # validates it
     model = SwitchForTokenReconstruction.from_backbone(backbone, config=config, upcycle_experts=args.upcycle)
 
     with accelerator.main_process_first():

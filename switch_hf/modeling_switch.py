@@ -85,7 +85,10 @@ class SwitchRouter(nn.Module):
         """
         router_logits = self.logits(tokens)  # (t, e)
         router_probs = router_logits.float().softmax(dim=-1)  # (t, e)
-        gate, expert_choice = router_probs.topk(self.top_k, dim=-1)  # (t, k), (t, k)
+        if self.top_k == 1:
+            gate, expert_choice = router_probs.max(dim=-1, keepdim=True)  # the same as topk(1), several times faster
+        else:
+            gate, expert_choice = router_probs.topk(self.top_k, dim=-1)  # (t, k), (t, k)
 
         capacity_factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
         kept = self._within_capacity(expert_choice, token_mask, capacity_factor)  # (t, k) bool
@@ -465,21 +468,21 @@ class SwitchAttentionExperts(nn.Module):
         pairs, routing = self.router(tokens, token_mask.reshape(-1))
         order, rows_per_expert = group_by_expert(pairs.expert, self.num_experts)  # pairs grouped by expert
         token = pairs.token[order]  # (p,)
-        # Each (token, choice) pair is its own query: choice-major slots, so the k queries form k sequences.
-        slot = (pairs.choice * num_tokens + pairs.token)[order]  # (p,)
+        # Each (token, choice) pair is its own query. Its slot in a (b, k, s) layout makes each sequence's k*s
+        # queries contiguous, so they attend to that sequence's s keys with no reshuffling.
+        sequence, position = pairs.token.div(seq, rounding_mode="floor"), pairs.token.remainder(seq)
+        slot = ((sequence * self.top_k + pairs.choice) * seq + position)[order]  # (p,)
 
         pair_queries = _SortedExpertsLinear.apply(tokens[token], self.q_proj, self.q_proj_bias, rows_per_expert, False)
         queries = tokens.new_zeros(self.top_k * num_tokens, hidden).index_copy(0, slot, pair_queries)  # (k*t, h)
-        queries = queries.view(self.top_k, batch, seq, self.num_heads, self.head_dim)
-        queries = queries.permute(1, 3, 0, 2, 4).reshape(batch, self.num_heads, self.top_k * seq, self.head_dim)
+        queries = queries.view(batch, self.top_k * seq, self.num_heads, self.head_dim).transpose(1, 2)
         heads_shape = (batch, seq, self.num_heads, self.head_dim)
         keys = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
         values = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
         )  # (b, heads, k*s, head_dim)
-        attended = attended.view(batch, self.num_heads, self.top_k, seq, self.head_dim).permute(2, 0, 3, 1, 4)
-        attended = attended.reshape(self.top_k * num_tokens, hidden)  # (k*t, h) back in slot order
+        attended = attended.transpose(1, 2).reshape(self.top_k * num_tokens, hidden)  # (k*t, h) in slot order
 
         pair_output = _SortedExpertsLinear.apply(
             attended[slot], self.o_proj, self.o_proj_bias, rows_per_expert, False

@@ -64,6 +64,8 @@ def tiny_switch(minilm_path):
     """A tiny random SwitchForTokenReconstruction over the real uncased vocabulary (eval mode), and its tokenizer.
 
     Dropless evaluation, as the released config: a token's output then does not depend on the batch around it.
+    Its second layer routes attention as well as the feed-forward block, so that everything the pipelines and the
+    Hub tests check also holds for attention experts.
     """
     from transformers import AutoTokenizer
 
@@ -75,7 +77,9 @@ def tiny_switch(minilm_path):
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    config = tiny_config(backbone_config=backbone, expert_intermediate_size=64, capacity_factor_eval=None)
+    config = tiny_config(
+        backbone_config=backbone, expert_intermediate_size=64, capacity_factor_eval=None, expert_kinds="fb"
+    )
     return SwitchForTokenReconstruction(config).eval(), tokenizer
 
 

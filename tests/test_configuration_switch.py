@@ -17,11 +17,14 @@ def test_defaults_follow_the_papers():
     assert config.expert_intermediate_size == config.backbone_config.intermediate_size
 
 
-@pytest.mark.parametrize("name", ["switch-minilm-l6-e8.json", "switch-bert-base-e4.json"])
+@pytest.mark.parametrize(
+    "name", ["switch-minilm-l6-e8.json", "switch-bert-base-e4.json", "switch-minilm-l6-attn-e4.json"]
+)
 def test_shipped_configs_load(name):
     config = SwitchConfig.from_json_file(REPO_ROOT / "configs" / name)
     raw = json.loads((REPO_ROOT / "configs" / name).read_text())
     assert config.num_experts == raw["num_experts"]
+    assert config.expert_kinds == raw.get("expert_kinds", ["feed_forward"] * config.num_switch_layers)
     assert config.hidden_size == raw["backbone_config"]["hidden_size"]
     assert isinstance(config.backbone_config, BertConfig)
 

@@ -32,7 +32,8 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, minilm_path):
-    """A tiny random BERT with the real uncased tokenizer, a tiny Switch config, and a tiny corpus."""
+    """A tiny random BERT with the real uncased tokenizer, a tiny Switch config (feed-forward experts, then a layer
+    with attention and feed-forward experts), and a tiny corpus."""
     root = tmp_path_factory.mktemp("training")
     backbone = BertModel(
         BertConfig(
@@ -43,7 +44,9 @@ def tiny_setup(tmp_path_factory, minilm_path):
     )
     backbone.save_pretrained(root / "backbone")
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(root / "backbone")
-    config = tiny_config(backbone_config=backbone.config, expert_intermediate_size=64)
+    config = tiny_config(
+        backbone_config=backbone.config, num_attention_heads=2, expert_intermediate_size=64, expert_kinds="fb"
+    )
     config.to_json_file(root / "config.json")
     corpus = root / "corpus"
     corpus.mkdir()
@@ -111,7 +114,7 @@ def test_train_script_trains_saves_and_evaluates(tiny_setup, tmp_path):
     logged = metrics(tmp_path / "run")
     assert [m["step"] for m in logged] == list(range(1, 31))
     assert sum(m["loss"] for m in logged[-5:]) < sum(m["loss"] for m in logged[:5])
-    assert len(logged[-1]["expert_load"]) == 2 and len(logged[-1]["expert_load"][0]) == 4
+    assert len(logged[-1]["expert_load"]) == 3 and len(logged[-1]["expert_load"][0]) == 4  # one per router
     assert all(0.0 <= d <= 1.0 for d in logged[-1]["dropped_fraction"])
     final = tmp_path / "run" / "final"
     assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
@@ -128,6 +131,8 @@ def test_train_script_trains_saves_and_evaluates(tiny_setup, tmp_path):
     assert results["masked_top5_accuracy"] >= results["masked_top1_accuracy"]
     assert results["identity_tokens"] > 0 and results["masked_tokens"] > 0
     assert (tmp_path / "eval" / "expert_load.png").stat().st_size > 0
+    assert results["routers"] == ["layer 0 feed_forward", "layer 1 attention", "layer 1 feed_forward"]
+    assert len(results["expert_load"]) == len(results["dropped_fraction"]) == 3
 
 
 def test_resume_after_a_kill_continues_with_the_same_losses(tiny_setup, tmp_path):

@@ -385,9 +385,14 @@ class SwitchSparseBlock(nn.Module):
         """
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (t, h)
         pairs, routing = self.router(tokens, token_mask.reshape(-1))
+        # Top-1 with no token dropped and no padding (dropless evaluation, most batches): the pairs are the tokens in
+        # order, so the gather and the scatter back would only copy.
+        every_token_once = pairs.token.shape[0] == tokens.shape[0] and self.router.top_k == 1
         expert_output = self.experts(
-            tokens[pairs.token], pairs.expert.unsqueeze(-1), pairs.gate.unsqueeze(-1)
+            tokens if every_token_once else tokens[pairs.token], pairs.expert.unsqueeze(-1), pairs.gate.unsqueeze(-1)
         )  # (p, h)
+        if every_token_once:
+            return expert_output.view_as(hidden_states), routing
         output = torch.zeros_like(tokens).index_add_(0, pairs.token, expert_output)  # (t, h)
         return output.view_as(hidden_states), routing
 

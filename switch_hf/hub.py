@@ -31,7 +31,8 @@ optional:
       "datasets": ["org/corpus"],                               # Hub dataset ids, for the card's `datasets`
       "sources": {"<name>": {"package": ..., "version": ..., "licence": ..., "examples": ..., "bytes": ...}},
       "splits": {"train": {"examples": ..., "tokens": ...}, "validation": {...}},
-      "procedure": {"max_steps": ..., "batch_size": ..., ...}   # training hyper-parameters (train.py's args.json)
+      "procedure": {"max_steps": ..., "batch_size": ..., ...}   # training hyper-parameters (train.py's args.json),
+                                                                # or a list of them: stages, each continuing the last
     }
 
 Only the keys listed here are rendered (`procedure`: those in `PROCEDURE_FIELDS`), so local paths that such files
@@ -84,7 +85,7 @@ PROCEDURE_FIELDS = {
     "mask_probability": "share of tokens corrupted (80% [MASK], 10% random, 10% kept)",
     "identity_probability": "share of untouched tokens also labelled (learn to copy)",
     "freeze_backbone": "backbone frozen",
-    "upcycle": "experts upcycled from the backbone's feed-forward block",
+    "upcycle": "experts upcycled from the backbone's last layer",
     "seed": "seed",
 }
 # Backbones shipped inside Python packages, by a fragment of their local path, and their Hub ids.
@@ -249,13 +250,15 @@ def _training_data_view(training_data: dict | None) -> dict | None:
         for name, info in (training_data.get("splits") or {}).items()
         if isinstance(info, dict)
     ]
-    procedure = training_data.get("procedure") or {}
+    procedure = training_data.get("procedure") or []
+    stages = [stage for stage in (procedure if isinstance(procedure, list) else [procedure]) if isinstance(stage, dict)]
+    shown = lambda value: isinstance(value, (bool, int, float, str))
     procedure = [
-        {"name": key, "description": description, "value": procedure[key]}
+        {"name": key, "description": description, "values": [stage[key] if shown(stage.get(key)) else "" for stage in stages]}
         for key, description in PROCEDURE_FIELDS.items()
-        if key in procedure and isinstance(procedure[key], (bool, int, float, str))
+        if any(shown(stage.get(key)) for stage in stages)
     ]
-    return {"sources": sources, "splits": splits, "procedure": procedure}
+    return {"sources": sources, "splits": splits, "procedure": procedure, "stages": len(stages)}
 
 
 def _evaluation_view(eval_results: dict | None) -> dict | None:

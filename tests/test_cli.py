@@ -61,11 +61,6 @@ def test_the_released_model_runs_by_default(capsys):
     assert text_line.startswith("Decoded output: the quick brown fox ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 5 is open: the interim release reconstructs 90.9% of held-out tokens (target 99.5%) and writes "
-    "'jumping' for 'jumps'; remove this marker when a release meets the target",
-)
 def test_the_released_model_reconstructs_the_seed_sentence(capsys):
     assert main(["reconstruct", SEED_TEXT]) == 0
     shape_line, text_line = capsys.readouterr().out.strip().splitlines()

@@ -545,6 +545,21 @@ def test_card_reports_recorded_results_training_data_and_procedure(tiny_switch):
     assert "{{" not in card.content and "{%" not in card.content
 
 
+def test_card_reports_each_training_stage(tiny_switch):
+    model, tokenizer = tiny_switch
+    stages = [{"max_steps": 2200, "mask_probability": 0.25}, {"max_steps": 300, "init_from": "/local/run/final"}]
+
+    card = switch_hub.render_model_card(
+        model, tokenizer, "org/switch-bert", eval_results=EVAL_RESULTS, training_data={**TRAINING_DATA, "procedure": stages}
+    )
+
+    assert "Training ran in 2 stages" in card.text
+    assert "| hyper-parameter | stage 1 | stage 2 |" in card.text
+    assert "| optimizer steps (`max_steps`) | 2200 | 300 |" in card.text
+    assert "| share of tokens corrupted (80% [MASK], 10% random, 10% kept) (`mask_probability`) | 0.25 |  |" in card.text
+    assert "/local/run" not in card.content
+
+
 @pytest.mark.parametrize(
     ("eval_results", "message"),
     [

@@ -55,10 +55,13 @@ def tiny_setup(tmp_path_factory, minilm_path):
     return root
 
 
-def train_command(setup, output_dir, *extra):
-    return [
-        sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
+def train_command(setup, output_dir, *extra, init_from=None):
+    """train.py on the tiny setup: a new model from its config and backbone, or `init_from` a trained checkpoint."""
+    model = ["--init-from", str(init_from)] if init_from else [
         "--config", str(setup / "config.json"), "--backbone", str(setup / "backbone"),
+    ]
+    return [
+        sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *model,
         "--corpus-dir", str(setup / "corpus"), "--output-dir", str(output_dir),
         "--max-length", "16", "--batch-size", "4", "--log-every", "1", "--warmup-steps", "2", *extra,
     ]
@@ -133,6 +136,13 @@ def test_train_script_trains_saves_and_evaluates(tiny_setup, tmp_path):
     assert (tmp_path / "eval" / "expert_load.png").stat().st_size > 0
     assert results["routers"] == ["layer 0 feed_forward", "layer 1 attention", "layer 1 feed_forward"]
     assert len(results["expert_load"]) == len(results["dropped_fraction"]) == 3
+
+    # Training further from the finished model starts where it ended, not from the backbone.
+    more = run(train_command(tiny_setup, tmp_path / "more", "--max-steps", "3", "--learning-rate", "1e-4", init_from=final))
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert metrics(tmp_path / "more")[0]["loss"] < 0.8 * logged[0]["loss"]
+    clash = run(train_command(tiny_setup, tmp_path / "clash", "--upcycle", init_from=final))
+    assert clash.returncode == 2 and "--init-from takes the model" in clash.stderr and "--upcycle" in clash.stderr
 
 
 def test_resume_after_a_kill_continues_with_the_same_losses(tiny_setup, tmp_path):

@@ -10,6 +10,10 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 ROUTER_DTYPES = ("float32", "bfloat16", "float16")
+# What each Switch layer routes: its feed-forward sublayer (the Switch paper), its attention (mixture of attention
+# heads), or both. A pattern spells one letter per layer.
+EXPERT_KINDS = ("feed_forward", "attention", "both")
+EXPERT_KIND_LETTERS = {"f": "feed_forward", "a": "attention", "b": "both"}
 
 
 class SwitchConfig(PreTrainedConfig):
@@ -32,8 +36,14 @@ class SwitchConfig(PreTrainedConfig):
             Dropout on the attention probabilities.
         layer_norm_eps (`float`, defaults to 1e-12):
             Epsilon of the Switch layers' LayerNorms (BERT's value).
+        expert_kinds (`list[str]` or `str`, *optional*):
+            What each Switch layer routes among experts, one entry per layer: `"feed_forward"` (a Switch MoE
+            feed-forward block after dense attention, as in the Switch paper), `"attention"` (attention experts, see
+            [`SwitchAttentionExperts`], followed by a dense feed-forward block) or `"both"`. A string is a pattern
+            with one letter per layer: `"f"`, `"a"` or `"b"`, e.g. `"fa"`. Stored as the list of names. Defaults to
+            `"feed_forward"` for every layer.
         num_experts (`int`, defaults to 8):
-            Number of experts in each Switch layer.
+            Number of experts of each router.
         expert_intermediate_size (`int`, *optional*):
             Inner size of each expert's feed-forward network. Defaults to the backbone's `intermediate_size`, so that
             experts can be upcycled from the backbone's own feed-forward weights.
@@ -93,6 +103,7 @@ class SwitchConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-12
 
     # --- experts ---
+    expert_kinds: list[str] | str | None = None
     num_experts: int = 8
     expert_intermediate_size: int | None = None
     expert_hidden_act: str = "gelu"
@@ -132,6 +143,7 @@ class SwitchConfig(PreTrainedConfig):
         # `layers.*`, `norm`) that BertModel does not have: name BERT's own layers instead. Not serialised.
         self.backbone_config.base_model_fsdp_plan = {"encoder.layer.*": "free_full_weight"}
         self._check_fields()
+        self.expert_kinds = self._expand_expert_kinds()
 
     @property
     def hidden_size(self) -> int:
@@ -152,6 +164,45 @@ class SwitchConfig(PreTrainedConfig):
     @property
     def num_hidden_layers(self) -> int:
         return self.num_switch_layers
+
+    @property
+    def router_names(self) -> list[str]:
+        """One name per router, in the order the model runs them and reports their routing (`tokens_per_expert`,
+        `dropped_fraction`, `expert_indices`): e.g. `["layer 0 feed_forward", "layer 1 attention", ...]`. A "both"
+        layer runs its attention router, then its feed-forward router."""
+        names = []
+        for index, kind in enumerate(self.expert_kinds):
+            routed = ["attention", "feed_forward"] if kind == "both" else [kind]
+            names.extend(f"layer {index} {sublayer}" for sublayer in routed)
+        return names
+
+    def _expand_expert_kinds(self) -> list[str]:
+        """`expert_kinds` as one name per layer, from a list, a letter pattern, or None (all feed-forward)."""
+        kinds = self.expert_kinds
+        if kinds is None:
+            return ["feed_forward"] * self.num_switch_layers
+        if isinstance(kinds, str):
+            unknown = sorted(set(kinds) - set(EXPERT_KIND_LETTERS))
+            if unknown:
+                raise ValueError(
+                    f"SwitchConfig.expert_kinds pattern {kinds!r} has unknown letters {unknown}; use one letter per "
+                    f"layer from {EXPERT_KIND_LETTERS}"
+                )
+            kinds = [EXPERT_KIND_LETTERS[letter] for letter in kinds]
+        elif not isinstance(kinds, (list, tuple)) or not all(isinstance(kind, str) for kind in kinds):
+            raise ValueError(
+                f"SwitchConfig.expert_kinds must be a list of names from {list(EXPERT_KINDS)} or a letter pattern, "
+                f"got {kinds!r}"
+            )
+        unknown = sorted(set(kinds) - set(EXPERT_KINDS))
+        if unknown:
+            raise ValueError(f"SwitchConfig.expert_kinds names unknown kinds {unknown}; expected {list(EXPERT_KINDS)}")
+        if len(kinds) != self.num_switch_layers:
+            raise ValueError(
+                f"SwitchConfig.expert_kinds has {len(kinds)} entries ({self.expert_kinds!r}) but num_switch_layers "
+                f"is {self.num_switch_layers}; give one kind per Switch layer"
+            )
+        return list(kinds)
 
     def _check_fields(self):
         def fail(field, value, expected):

@@ -5,7 +5,9 @@
 Each `SwitchLayer` is pre-LayerNorm multi-head self-attention followed by a Switch mixture-of-experts feed-forward
 block: a float32 router sends every token to its top-k experts (top-1 by default), each expert accepts at most
 `capacity` tokens, and tokens over capacity are dropped, passing through the residual unchanged (Fedus et al.,
-2021, "Switch Transformers"; Zoph et al., 2022, "ST-MoE" for top-k priority and the router z-loss).
+2021, "Switch Transformers"; Zoph et al., 2022, "ST-MoE" for top-k priority and the router z-loss). A layer can
+route its attention instead, or as well (`config.expert_kinds`): attention experts own the query and output
+projections while keys and values are shared (Zhang et al., 2022, "Mixture of Attention Heads").
 
 Index letters in shape comments: b batch, s sequence, h hidden, t tokens (b * s), e experts, k top-k choices,
 p routed (token, expert) pairs, v vocabulary.
@@ -47,24 +49,125 @@ class LayerRouting(NamedTuple):
     dropped_fraction: torch.Tensor
 
 
+class RoutedPairs(NamedTuple):
+    """The (token, choice) pairs a router kept, in token order: `token`, `choice`, `expert` (p,) long, `gate` (p,)."""
+
+    token: torch.Tensor
+    choice: torch.Tensor
+    expert: torch.Tensor
+    gate: torch.Tensor
+
+
 class SwitchRouter(nn.Module):
-    """Linear router without bias: one logit per expert for every token."""
+    """The Switch router: a linear layer without bias scores the experts, every token takes its top-k, and each
+    expert accepts at most `capacity` of them; tokens over capacity are dropped (Fedus et al., 2021).
+
+    Shared by feed-forward and attention experts, so both route, drop and balance the same way.
+    """
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.capacity_factor_train = config.capacity_factor_train
+        self.capacity_factor_eval = config.capacity_factor_eval
         self.jitter_noise = config.router_jitter_noise
         self.dtype = getattr(torch, config.router_dtype)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states: (t, h) -> router logits (t, e) in the router dtype."""
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> tuple[RoutedPairs, LayerRouting]:
+        """
+        Args:
+            tokens: (t, h).
+            token_mask: (t,) bool, False for padding: padding is never routed and never counted in the losses.
+        Returns:
+            The kept (token, expert) pairs and the routing summary (losses, load, dropped fraction).
+        """
+        router_logits = self.logits(tokens)  # (t, e)
+        router_probs = router_logits.float().softmax(dim=-1)  # (t, e)
+        if self.top_k == 1:
+            gate, expert_choice = router_probs.max(dim=-1, keepdim=True)  # the same as topk(1), several times faster
+        else:
+            gate, expert_choice = router_probs.topk(self.top_k, dim=-1)  # (t, k), (t, k)
+
+        capacity_factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
+        kept = self._within_capacity(expert_choice, token_mask, capacity_factor)  # (t, k) bool
+        token, choice = kept.nonzero(as_tuple=True)  # (p,), (p,)
+        pairs = RoutedPairs(
+            token=token,
+            choice=choice,
+            expert=expert_choice[token, choice],
+            gate=gate[token, choice].to(tokens.dtype),
+        )
+        return pairs, self._routing_summary(router_logits, router_probs, expert_choice, kept, token_mask)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (t, h) -> router logits (t, e) in the router dtype."""
         # Selective precision (Fedus et al., 2021, section 2.4): the softmax over experts is unstable in bfloat16.
-        hidden_states = hidden_states.to(self.dtype)
+        tokens = tokens.to(self.dtype)
         if self.training and self.jitter_noise > 0:
             # The noise perturbs only the routing decision, never the experts' input.
-            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            hidden_states = hidden_states * noise
-        return F.linear(hidden_states, self.weight.to(self.dtype))  # (t, e)
+            noise = torch.empty_like(tokens).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            tokens = tokens * noise
+        return F.linear(tokens, self.weight.to(self.dtype))  # (t, e)
+
+    def _within_capacity(
+        self, expert_choice: torch.Tensor, token_mask: torch.Tensor, capacity_factor: float | None
+    ) -> torch.Tensor:
+        """Which (token, choice) pairs fit in their expert: (t, k) bool.
+
+        Each expert takes at most ceil(capacity_factor * k * real_tokens / e) pairs. Priority goes choice by choice,
+        then in token order: every token's first choice is served before any second choice (ST-MoE, GShard).
+        The ranking sorts pairs by expert instead of building a (tokens x experts) mask, so its cost does not grow
+        with the number of experts.
+        """
+        num_tokens, top_k = expert_choice.shape
+        routable = token_mask.unsqueeze(-1).expand(num_tokens, top_k)  # (t, k)
+        if capacity_factor is None:
+            return routable.clone()
+
+        # Choice-major order: all first choices, then all second choices. Padding goes to an extra bucket `e`.
+        pair_expert = expert_choice.t().masked_fill(~routable.t(), self.num_experts).reshape(-1)  # (k * t,)
+        sorted_expert, order = torch.sort(pair_expert, stable=True)
+        pairs_per_expert = torch.bincount(sorted_expert, minlength=self.num_experts + 1)  # (e + 1,)
+        first_slot = pairs_per_expert.cumsum(0) - pairs_per_expert
+        rank_sorted = torch.arange(pair_expert.numel(), device=pair_expert.device) - first_slot[sorted_expert]
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (k * t,) position in its expert
+
+        capacity = torch.ceil(capacity_factor * top_k * token_mask.sum() / self.num_experts)
+        return routable & (rank.view(top_k, num_tokens).t() < capacity)
+
+    def _routing_summary(self, router_logits, router_probs, expert_choice, kept, token_mask) -> LayerRouting:
+        """Aux losses and load statistics over the real (non-padding) tokens."""
+        weight = token_mask.float()  # (t,)
+        num_real = weight.sum().clamp(min=1.0)
+        top_k = expert_choice.shape[-1]
+
+        # Load-balancing loss, N * sum_i f_i * P_i (Fedus et al., 2021, eq. 4-6). f_i is the fraction of routing
+        # choices that pick expert i before capacity is applied, so that sum_i f_i = 1 for any k and a uniform
+        # router gives exactly 1.0.
+        choices = torch.zeros(self.num_experts, device=weight.device).index_add_(
+            0, expert_choice.reshape(-1), weight.repeat_interleave(top_k)
+        )  # (e,)
+        fraction_routed = choices / (num_real * top_k)
+        mean_probability = (router_probs * weight.unsqueeze(-1)).sum(0) / num_real  # (e,)
+        load_balancing_loss = self.num_experts * (fraction_routed * mean_probability).sum()
+
+        # Router z-loss (Zoph et al., 2022, eq. 5): keeps the router's logits small, hence its softmax stable.
+        z_loss = ((router_logits.float().logsumexp(dim=-1) ** 2) * weight).sum() / num_real
+
+        tokens_per_expert = torch.zeros(self.num_experts, device=weight.device).index_add_(
+            0, expert_choice[kept], torch.ones_like(expert_choice[kept], dtype=torch.float)
+        )  # (e,)
+        dropped_fraction = 1.0 - kept.sum() / (num_real * top_k)
+        return LayerRouting(
+            router_logits=router_logits,
+            expert_index=expert_choice.masked_fill(~kept, -1),
+            load_balancing_loss=load_balancing_loss,
+            z_loss=z_loss,
+            tokens_per_expert=tokens_per_expert,
+            dropped_fraction=dropped_fraction,
+        )
 
 
 @use_experts_implementation(has_gate=False, has_bias=True)
@@ -76,7 +179,7 @@ class SwitchExperts(nn.Module):
     "grouped_mm"` selects how the experts run, and transformers' expert-parallel plan can shard them.
 
     Every implementation receives only the routed (token, expert) pairs: capacity and dropping are decided by
-    [`SwitchSparseBlock`] beforehand, so all implementations share the same semantics. Expert ids outside
+    [`SwitchRouter`] beforehand, so all implementations share the same semantics. Expert ids outside
     `[0, num_experts)` are skipped (zero output): expert parallelism marks the pairs of other ranks' experts so.
     """
 
@@ -186,6 +289,23 @@ class _SortedExpertsLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
+def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """Orders rows by expert for `_SortedExpertsLinear`.
+
+    Args:
+        expert_ids: (n,) the expert of each row; ids outside [0, num_experts) are skipped (expert parallelism marks
+            other ranks' experts that way).
+    Returns:
+        `order`, (m,) the rows that run, grouped by expert and in their original order within each expert, and
+        `rows_per_expert`, how many rows each expert has (the one host sync).
+    """
+    expert_ids = expert_ids.masked_fill((expert_ids < 0) | (expert_ids >= num_experts), num_experts)
+    # Stable, so each expert sees its rows in their original order: results do not depend on the sort.
+    order = torch.argsort(expert_ids, stable=True)  # skipped rows last
+    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts + 1)[:num_experts].tolist()
+    return order[: sum(rows_per_expert)], rows_per_expert
+
+
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -209,13 +329,7 @@ def sorted_mm_experts_forward(
         (p, h) the gated sum of each row's experts' outputs; zero for a row whose experts were all skipped.
     """
     num_rows, top_k = top_k_index.shape
-    num_experts = self.num_experts
-    expert_ids = top_k_index.reshape(-1)  # (p * k,)
-    expert_ids = expert_ids.masked_fill((expert_ids < 0) | (expert_ids >= num_experts), num_experts)
-    # Stable, so each expert sees its rows in their original order: results do not depend on the sort.
-    order = torch.argsort(expert_ids, stable=True)  # (p * k,) pairs grouped by expert, skipped ones last
-    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts + 1)[:num_experts].tolist()
-    order = order[: sum(rows_per_expert)]  # (n,) the pairs that run
+    order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
     expert_input = hidden_states[order // top_k if top_k > 1 else order]  # (n, h)
 
     if self.has_gate:
@@ -254,14 +368,10 @@ ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_mm_experts_forward)
 
 
 class SwitchSparseBlock(nn.Module):
-    """The Switch feed-forward block: route every token, enforce expert capacity, run the experts."""
+    """The Switch feed-forward block: route every token, enforce expert capacity, run the feed-forward experts."""
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
-        self.num_experts = config.num_experts
-        self.top_k = config.top_k
-        self.capacity_factor_train = config.capacity_factor_train
-        self.capacity_factor_eval = config.capacity_factor_eval
         self.router = SwitchRouter(config)
         self.experts = SwitchExperts(config)
 
@@ -269,90 +379,22 @@ class SwitchSparseBlock(nn.Module):
         """
         Args:
             hidden_states: (b, s, h).
-            token_mask: (b, s) bool, False for padding: padding is never routed and never counted in the losses.
+            token_mask: (b, s) bool, False for padding.
         Returns:
-            The block's output (b, s, h), zero for dropped and padding tokens, and the layer's routing.
+            The block's output (b, s, h), zero for dropped and padding tokens, and the block's routing.
         """
-        batch, seq, hidden = hidden_states.shape
-        tokens = hidden_states.reshape(-1, hidden)  # (t, h)
-        token_mask = token_mask.reshape(-1)  # (t,)
-
-        router_logits = self.router(tokens)  # (t, e)
-        router_probs = router_logits.float().softmax(dim=-1)  # (t, e)
-        gate, expert_choice = router_probs.topk(self.top_k, dim=-1)  # (t, k), (t, k)
-
-        capacity_factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
-        kept = self._within_capacity(expert_choice, token_mask, capacity_factor)  # (t, k) bool
-
-        token, choice = kept.nonzero(as_tuple=True)  # (p,), (p,)
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (t, h)
+        pairs, routing = self.router(tokens, token_mask.reshape(-1))
+        # Top-1 with no token dropped and no padding (dropless evaluation, most batches): the pairs are the tokens in
+        # order, so the gather and the scatter back would only copy.
+        every_token_once = pairs.token.shape[0] == tokens.shape[0] and self.router.top_k == 1
         expert_output = self.experts(
-            tokens[token],  # (p, h)
-            expert_choice[token, choice].unsqueeze(-1),  # (p, 1)
-            gate[token, choice].unsqueeze(-1).to(tokens.dtype),  # (p, 1)
-        )
-        output = torch.zeros_like(tokens).index_add_(0, token, expert_output)  # (t, h)
-
-        routing = self._routing_summary(router_logits, router_probs, expert_choice, kept, token_mask)
-        return output.view(batch, seq, hidden), routing
-
-    def _within_capacity(
-        self, expert_choice: torch.Tensor, token_mask: torch.Tensor, capacity_factor: float | None
-    ) -> torch.Tensor:
-        """Which (token, choice) pairs fit in their expert: (t, k) bool.
-
-        Each expert takes at most ceil(capacity_factor * k * real_tokens / e) pairs. Priority goes choice by choice,
-        then in token order: every token's first choice is served before any second choice (ST-MoE, GShard).
-        The ranking sorts pairs by expert instead of building a (tokens x experts) mask, so its cost does not grow
-        with the number of experts.
-        """
-        num_tokens, top_k = expert_choice.shape
-        routable = token_mask.unsqueeze(-1).expand(num_tokens, top_k)  # (t, k)
-        if capacity_factor is None:
-            return routable.clone()
-
-        # Choice-major order: all first choices, then all second choices. Padding goes to an extra bucket `e`.
-        pair_expert = expert_choice.t().masked_fill(~routable.t(), self.num_experts).reshape(-1)  # (k * t,)
-        sorted_expert, order = torch.sort(pair_expert, stable=True)
-        pairs_per_expert = torch.bincount(sorted_expert, minlength=self.num_experts + 1)  # (e + 1,)
-        first_slot = pairs_per_expert.cumsum(0) - pairs_per_expert
-        rank_sorted = torch.arange(pair_expert.numel(), device=pair_expert.device) - first_slot[sorted_expert]
-        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (k * t,) position in its expert
-
-        capacity = torch.ceil(capacity_factor * top_k * token_mask.sum() / self.num_experts)
-        return routable & (rank.view(top_k, num_tokens).t() < capacity)
-
-    def _routing_summary(self, router_logits, router_probs, expert_choice, kept, token_mask) -> LayerRouting:
-        """Aux losses and load statistics over the real (non-padding) tokens."""
-        weight = token_mask.float()  # (t,)
-        num_real = weight.sum().clamp(min=1.0)
-        top_k = expert_choice.shape[-1]
-
-        # Load-balancing loss, N * sum_i f_i * P_i (Fedus et al., 2021, eq. 4-6). f_i is the fraction of routing
-        # choices that pick expert i before capacity is applied, so that sum_i f_i = 1 for any k and a uniform
-        # router gives exactly 1.0.
-        choices = torch.zeros(self.num_experts, device=weight.device).index_add_(
-            0, expert_choice.reshape(-1), weight.repeat_interleave(top_k)
-        )  # (e,)
-        fraction_routed = choices / (num_real * top_k)
-        mean_probability = (router_probs * weight.unsqueeze(-1)).sum(0) / num_real  # (e,)
-        load_balancing_loss = self.num_experts * (fraction_routed * mean_probability).sum()
-
-        # Router z-loss (Zoph et al., 2022, eq. 5): keeps the router's logits small, hence its softmax stable.
-        z_loss = ((router_logits.float().logsumexp(dim=-1) ** 2) * weight).sum() / num_real
-
-        tokens_per_expert = torch.zeros(self.num_experts, device=weight.device).index_add_(
-            0, expert_choice[kept], torch.ones_like(expert_choice[kept], dtype=torch.float)
-        )  # (e,)
-        dropped_fraction = 1.0 - kept.sum() / (num_real * top_k)
-        return LayerRouting(
-            router_logits=router_logits,
-            expert_index=expert_choice.masked_fill(~kept, -1),
-            load_balancing_loss=load_balancing_loss,
-            z_loss=z_loss,
-            tokens_per_expert=tokens_per_expert,
-            dropped_fraction=dropped_fraction,
-        )
-
+            tokens if every_token_once else tokens[pairs.token], pairs.expert.unsqueeze(-1), pairs.gate.unsqueeze(-1)
+        )  # (p, h)
+        if every_token_once:
+            return expert_output.view_as(hidden_states), routing
+        output = torch.zeros_like(tokens).index_add_(0, pairs.token, expert_output)  # (t, h)
+        return output.view_as(hidden_states), routing
 
 class SwitchAttention(nn.Module):
     """Multi-head self-attention over the whole sequence through `scaled_dot_product_attention`."""
@@ -381,25 +423,138 @@ class SwitchAttention(nn.Module):
         return self.o_proj(attended)
 
 
-class SwitchLayer(GradientCheckpointingLayer):
-    """Pre-LayerNorm transformer layer whose feed-forward sublayer is a Switch MoE block."""
+class SwitchAttentionExperts(nn.Module):
+    """Multi-head self-attention whose query and output projections are experts: a mixture of attention heads.
+
+    Follows "Mixture of Attention Heads" (MoA; Zhang et al., 2022, EMNLP): the router picks each token's expert(s),
+    the token's query comes from its expert's query projection and its output goes through the same expert's output
+    projection, scaled by the gate; keys and values are shared by all experts and computed for every token. So every
+    token still attends to the whole sequence, and a token costs what it costs in one dense attention layer of the
+    same size (an expert here is a full multi-head query/output pair, `hidden -> hidden`). SwitchHead (Csordas et
+    al., 2023) routes the value and output projections instead; MoA's choice keeps the shared K/V cache.
+
+    Routing, capacity, dropping, jitter and aux losses are [`SwitchRouter`]'s, as for the feed-forward experts. A
+    token dropped for lack of capacity gets no query and a zero output (the residual carries it), yet it is still a
+    key and a value for the others. Padding is neither routed nor attended to.
+
+    With one expert, this is exactly [`SwitchAttention`] with `q_proj`/`o_proj` = expert 0's weights.
+    """
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
-        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = SwitchAttention(config)
-        self.moe_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.moe = SwitchSparseBlock(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        hidden = config.hidden_size
+        self.router = SwitchRouter(config)
+        self.q_proj = nn.Parameter(torch.empty(self.num_experts, hidden, hidden))  # (e, out, in)
+        self.q_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden))
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.o_proj = nn.Parameter(torch.empty(self.num_experts, hidden, hidden))  # (e, out, in)
+        self.o_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden))
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, token_mask: torch.Tensor
     ) -> tuple[torch.Tensor, LayerRouting]:
-        """hidden_states: (b, s, h) -> (b, s, h) and the layer's routing."""
-        hidden_states = hidden_states + self.dropout(self.attention(self.attention_norm(hidden_states), attention_mask))
-        moe_output, routing = self.moe(self.moe_norm(hidden_states), token_mask)
-        # A dropped token's MoE output is zero: the residual carries it through unchanged.
-        return hidden_states + self.dropout(moe_output), routing
+        """
+        Args:
+            hidden_states: (b, s, h).
+            attention_mask: (b, 1, 1, s) bool, True where a key may be attended to.
+            token_mask: (b, s) bool, False for padding.
+        Returns:
+            The attention output (b, s, h), zero for dropped and padding tokens, and the routing.
+        """
+        batch, seq, hidden = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden)  # (t, h)
+        num_tokens = tokens.shape[0]
+        pairs, routing = self.router(tokens, token_mask.reshape(-1))
+        order, rows_per_expert = group_by_expert(pairs.expert, self.num_experts)  # pairs grouped by expert
+        token = pairs.token[order]  # (p,)
+        # Each (token, choice) pair is its own query. Its slot in a (b, k, s) layout makes each sequence's k*s
+        # queries contiguous, so they attend to that sequence's s keys with no reshuffling.
+        sequence, position = pairs.token.div(seq, rounding_mode="floor"), pairs.token.remainder(seq)
+        slot = ((sequence * self.top_k + pairs.choice) * seq + position)[order]  # (p,)
+
+        pair_queries = _SortedExpertsLinear.apply(tokens[token], self.q_proj, self.q_proj_bias, rows_per_expert, False)
+        queries = tokens.new_zeros(self.top_k * num_tokens, hidden).index_copy(0, slot, pair_queries)  # (k*t, h)
+        queries = queries.view(batch, self.top_k * seq, self.num_heads, self.head_dim).transpose(1, 2)
+        heads_shape = (batch, seq, self.num_heads, self.head_dim)
+        keys = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
+        values = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (b, heads, k*s, head_dim)
+        attended = attended.transpose(1, 2).reshape(self.top_k * num_tokens, hidden)  # (k*t, h) in slot order
+
+        pair_output = _SortedExpertsLinear.apply(
+            attended[slot], self.o_proj, self.o_proj_bias, rows_per_expert, False
+        )  # (p, h)
+        pair_output = pair_output * pairs.gate[order].unsqueeze(-1)
+        output = torch.zeros_like(tokens).index_add_(0, token, pair_output)  # (t, h)
+        return output.view_as(hidden_states), routing
+
+
+class SwitchFeedForward(nn.Module):
+    """Dense feed-forward block (h -> expert_intermediate_size -> h), the size of one expert: the feed-forward
+    sublayer of a layer that routes only its attention."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.expert_intermediate_size)
+        self.act_fn = ACT2FN[config.expert_hidden_act]
+        self.down_proj = nn.Linear(config.expert_intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(b, s, h) -> (b, s, h)."""
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+class SwitchLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer layer, with experts where `config.expert_kinds[layer_index]` says:
+
+    - "feed_forward": dense attention, then a Switch MoE feed-forward block (the Switch paper);
+    - "attention": attention experts ([`SwitchAttentionExperts`]), then a dense feed-forward block;
+    - "both": attention experts, then a Switch MoE feed-forward block.
+    """
+
+    def __init__(self, config: SwitchConfig, layer_index: int):
+        super().__init__()
+        kind = config.expert_kinds[layer_index]
+        self.routes_attention = kind in ("attention", "both")
+        self.routes_feed_forward = kind in ("feed_forward", "both")
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = SwitchAttentionExperts(config) if self.routes_attention else SwitchAttention(config)
+        if self.routes_feed_forward:
+            self.moe_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.moe = SwitchSparseBlock(config)
+        else:
+            self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.mlp = SwitchFeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[LayerRouting]]:
+        """hidden_states: (b, s, h) -> (b, s, h) and the routing of each of the layer's routers, attention first."""
+        routings = []
+        normed = self.attention_norm(hidden_states)
+        if self.routes_attention:
+            attention_output, routing = self.attention(normed, attention_mask, token_mask)
+            routings.append(routing)
+        else:
+            attention_output = self.attention(normed, attention_mask)
+        hidden_states = hidden_states + self.dropout(attention_output)
+
+        if self.routes_feed_forward:
+            feed_forward_output, routing = self.moe(self.moe_norm(hidden_states), token_mask)
+            routings.append(routing)
+        else:
+            feed_forward_output = self.mlp(self.mlp_norm(hidden_states))
+        # A dropped token's expert output is zero: the residual carries it through unchanged.
+        return hidden_states + self.dropout(feed_forward_output), routings
 
 
 @dataclass
@@ -410,18 +565,19 @@ class SwitchModelOutput(ModelOutput):
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
         The backbone's output followed by each Switch layer's output, each `(batch_size, sequence_length, hidden)`.
     router_logits (`tuple(torch.FloatTensor)`, *optional*, returned with `output_router_logits=True`):
-        Each layer's router logits, `(batch_size, sequence_length, num_experts)`, in the router dtype.
+        Each router's logits, `(batch_size, sequence_length, num_experts)`, in the router dtype. There is one router
+        per Switch layer, two in a layer of kind "both"; `config.router_names` names them in this order.
     expert_indices (`tuple(torch.LongTensor)`):
-        Each layer's chosen experts, `(batch_size, sequence_length, top_k)`; -1 where a token was dropped for lack of
-        capacity or is padding.
-    tokens_per_expert (`torch.FloatTensor` of shape `(num_switch_layers, num_experts)`):
-        How many tokens each expert processed in each layer.
-    dropped_fraction (`torch.FloatTensor` of shape `(num_switch_layers,)`):
-        Fraction of the real tokens' routing choices dropped for lack of capacity, per layer.
+        Each router's chosen experts, `(batch_size, sequence_length, top_k)`; -1 where a token was dropped for lack
+        of capacity or is padding.
+    tokens_per_expert (`torch.FloatTensor` of shape `(num_routers, num_experts)`):
+        How many tokens each expert of each router processed.
+    dropped_fraction (`torch.FloatTensor` of shape `(num_routers,)`):
+        Fraction of the real tokens' routing choices dropped for lack of capacity, per router.
     load_balancing_loss (`torch.FloatTensor` of shape `()`):
-        Mean over layers of the Switch load-balancing loss (1.0 for a perfectly uniform router).
+        Mean over routers of the Switch load-balancing loss (1.0 for a perfectly uniform router).
     router_z_loss (`torch.FloatTensor` of shape `()`):
-        Mean over layers of the router z-loss.
+        Mean over routers of the router z-loss.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -480,6 +636,11 @@ class SwitchPreTrainedModel(PreTrainedModel):
             init.zeros_(module.up_proj_bias)
             init.normal_(module.down_proj, mean=0.0, std=std)
             init.zeros_(module.down_proj_bias)
+        elif isinstance(module, SwitchAttentionExperts):
+            init.normal_(module.q_proj, mean=0.0, std=std)
+            init.zeros_(module.q_proj_bias)
+            init.normal_(module.o_proj, mean=0.0, std=std)
+            init.zeros_(module.o_proj_bias)
         elif isinstance(module, SwitchRouter):
             init.normal_(module.weight, mean=0.0, std=std)
 
@@ -578,7 +739,7 @@ class SwitchModel(SwitchPreTrainedModel):
     def __init__(self, config: SwitchConfig):
         super().__init__(config)
         self.backbone = BertModel(config.backbone_config, add_pooling_layer=False)
-        self.layers = nn.ModuleList([SwitchLayer(config) for _ in range(config.num_switch_layers)])
+        self.layers = nn.ModuleList([SwitchLayer(config, index) for index in range(config.num_switch_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -593,25 +754,48 @@ class SwitchModel(SwitchPreTrainedModel):
 
     @torch.no_grad()
     def upcycle_experts_from_backbone(self):
-        """Copy the backbone's last feed-forward block into every expert of every Switch layer (Komatsuzaki et al.,
-        2022): training starts from a known-good FFN, and the router learns to tell the copies apart."""
-        dense = self.backbone.encoder.layer[-1]
-        if self.config.expert_intermediate_size != self.config.backbone_config.intermediate_size:
+        """Start every expert from the backbone's last layer (sparse upcycling, Komatsuzaki et al., 2022): each
+        feed-forward expert as a copy of its feed-forward block, each attention expert's query and output
+        projections (and the shared keys and values) as copies of its self-attention. Training starts from
+        known-good weights, and the routers learn to tell the copies apart."""
+        last_layer = self.backbone.encoder.layer[-1]
+        if any(layer.routes_feed_forward for layer in self.layers):
+            if self.config.expert_intermediate_size != self.config.backbone_config.intermediate_size:
+                raise ValueError(
+                    f"upcycling needs expert_intermediate_size ({self.config.expert_intermediate_size}) equal to the "
+                    f"backbone's intermediate_size ({self.config.backbone_config.intermediate_size})"
+                )
+            if self.config.expert_hidden_act != self.config.backbone_config.hidden_act:
+                raise ValueError(
+                    f"upcycling needs expert_hidden_act ({self.config.expert_hidden_act!r}) equal to the backbone's "
+                    f"hidden_act ({self.config.backbone_config.hidden_act!r})"
+                )
+        if any(layer.routes_attention for layer in self.layers) and (
+            self.config.num_attention_heads != self.config.backbone_config.num_attention_heads
+        ):
             raise ValueError(
-                f"upcycling needs expert_intermediate_size ({self.config.expert_intermediate_size}) equal to the "
-                f"backbone's intermediate_size ({self.config.backbone_config.intermediate_size})"
+                f"upcycling attention experts needs num_attention_heads ({self.config.num_attention_heads}) equal to "
+                f"the backbone's ({self.config.backbone_config.num_attention_heads})"
             )
-        if self.config.expert_hidden_act != self.config.backbone_config.hidden_act:
-            raise ValueError(
-                f"upcycling needs expert_hidden_act ({self.config.expert_hidden_act!r}) equal to the backbone's "
-                f"hidden_act ({self.config.backbone_config.hidden_act!r})"
-            )
+
+        def copy_into_experts(stacked: nn.Parameter, dense: torch.Tensor):
+            stacked.copy_(dense.expand_as(stacked))
+
         for layer in self.layers:
-            experts = layer.moe.experts
-            experts.up_proj.copy_(dense.intermediate.dense.weight.expand_as(experts.up_proj))
-            experts.up_proj_bias.copy_(dense.intermediate.dense.bias.expand_as(experts.up_proj_bias))
-            experts.down_proj.copy_(dense.output.dense.weight.expand_as(experts.down_proj))
-            experts.down_proj_bias.copy_(dense.output.dense.bias.expand_as(experts.down_proj_bias))
+            if layer.routes_feed_forward:
+                experts = layer.moe.experts
+                copy_into_experts(experts.up_proj, last_layer.intermediate.dense.weight)
+                copy_into_experts(experts.up_proj_bias, last_layer.intermediate.dense.bias)
+                copy_into_experts(experts.down_proj, last_layer.output.dense.weight)
+                copy_into_experts(experts.down_proj_bias, last_layer.output.dense.bias)
+            if layer.routes_attention:
+                attention, dense_attention = layer.attention, last_layer.attention
+                copy_into_experts(attention.q_proj, dense_attention.self.query.weight)
+                copy_into_experts(attention.q_proj_bias, dense_attention.self.query.bias)
+                copy_into_experts(attention.o_proj, dense_attention.output.dense.weight)
+                copy_into_experts(attention.o_proj_bias, dense_attention.output.dense.bias)
+                attention.k_proj.load_state_dict(dense_attention.self.key.state_dict())
+                attention.v_proj.load_state_dict(dense_attention.self.value.state_dict())
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -660,9 +844,9 @@ class SwitchModel(SwitchPreTrainedModel):
         all_hidden_states = (hidden_states,)
         routings = []
         for layer in self.layers:
-            hidden_states, routing = layer(hidden_states, attention_mask, token_mask)
+            hidden_states, layer_routings = layer(hidden_states, attention_mask, token_mask)
             all_hidden_states += (hidden_states,)
-            routings.append(routing)
+            routings.extend(layer_routings)
         hidden_states = self.norm(hidden_states)
 
         batch, seq, _ = hidden_states.shape

@@ -190,7 +190,7 @@ def transformers_twin(args, block: SwitchSparseBlock) -> SwitchTransformersSpars
     config = SwitchTransformersConfig(
         d_model=args.hidden,
         d_ff=args.ffn,
-        num_experts=block.num_experts,
+        num_experts=block.experts.num_experts,
         expert_capacity=args.seq_len,  # capacity is per sequence there: a whole sequence fits, no token dropped
         router_jitter_noise=0.0,
         router_bias=False,
@@ -201,7 +201,7 @@ def transformers_twin(args, block: SwitchSparseBlock) -> SwitchTransformersSpars
     mlp = SwitchTransformersSparseMLP(config).train()
     with torch.no_grad():
         mlp.router.classifier.weight.copy_(block.router.weight)
-        for expert in range(block.num_experts):
+        for expert in range(block.experts.num_experts):
             mlp.experts[f"expert_{expert}"].wi.weight.copy_(block.experts.up_proj[expert])
             mlp.experts[f"expert_{expert}"].wo.weight.copy_(block.experts.down_proj[expert])
     return mlp

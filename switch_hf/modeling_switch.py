@@ -306,6 +306,14 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.T
     return order[: sum(rows_per_expert)], rows_per_expert
 
 
+def inverse_permutation(permutation: torch.Tensor) -> torch.Tensor:
+    """(n,) -> (n,) `inverse` with `inverse[permutation[i]] == i`: gathering through it undoes a gather by
+    `permutation`, in one pass instead of zero-filling then scattering."""
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(permutation.shape[0], device=permutation.device)
+    return inverse
+
+
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -330,7 +338,7 @@ def sorted_mm_experts_forward(
     """
     num_rows, top_k = top_k_index.shape
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
-    expert_input = hidden_states[order // top_k if top_k > 1 else order]  # (n, h)
+    expert_input = hidden_states.index_select(0, order // top_k if top_k > 1 else order)  # (n, h)
 
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
@@ -352,9 +360,7 @@ def sorted_mm_experts_forward(
     # Back to (row, choice) order, then sum each row's choices.
     if order.shape[0] == num_rows * top_k:
         # Every pair ran: one gather through the inverse permutation, instead of zero-filling then scattering.
-        inverse_order = torch.empty_like(order)
-        inverse_order[order] = torch.arange(order.shape[0], device=order.device)
-        output = expert_output.index_select(0, inverse_order)  # (p * k, h)
+        output = expert_output.index_select(0, inverse_permutation(order))  # (p * k, h)
     else:
         output = expert_output.new_zeros(num_rows * top_k, expert_output.shape[-1]).index_copy(0, order, expert_output)
     if top_k > 1:
@@ -389,7 +395,9 @@ class SwitchSparseBlock(nn.Module):
         # order, so the gather and the scatter back would only copy.
         every_token_once = pairs.token.shape[0] == tokens.shape[0] and self.router.top_k == 1
         expert_output = self.experts(
-            tokens if every_token_once else tokens[pairs.token], pairs.expert.unsqueeze(-1), pairs.gate.unsqueeze(-1)
+            tokens if every_token_once else tokens.index_select(0, pairs.token),
+            pairs.expert.unsqueeze(-1),
+            pairs.gate.unsqueeze(-1),
         )  # (p, h)
         if every_token_once:
             return expert_output.view_as(hidden_states), routing
@@ -478,8 +486,17 @@ class SwitchAttentionExperts(nn.Module):
         sequence, position = pairs.token.div(seq, rounding_mode="floor"), pairs.token.remainder(seq)
         slot = ((sequence * self.top_k + pairs.choice) * seq + position)[order]  # (p,)
 
-        pair_queries = _SortedExpertsLinear.apply(tokens[token], self.q_proj, self.q_proj_bias, rows_per_expert, False)
-        queries = tokens.new_zeros(self.top_k * num_tokens, hidden).index_copy(0, slot, pair_queries)  # (k*t, h)
+        # Every token kept with all its choices (dropless, no padding): the slots are a permutation of all queries.
+        every_pair_kept = slot.shape[0] == self.top_k * num_tokens
+        unsort = inverse_permutation(slot) if every_pair_kept else None
+
+        pair_queries = _SortedExpertsLinear.apply(
+            tokens.index_select(0, token), self.q_proj, self.q_proj_bias, rows_per_expert, False
+        )  # (p, h)
+        if every_pair_kept:
+            queries = pair_queries.index_select(0, unsort)  # (k*t, h)
+        else:
+            queries = tokens.new_zeros(self.top_k * num_tokens, hidden).index_copy(0, slot, pair_queries)
         queries = queries.view(batch, self.top_k * seq, self.num_heads, self.head_dim).transpose(1, 2)
         heads_shape = (batch, seq, self.num_heads, self.head_dim)
         keys = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
@@ -490,10 +507,13 @@ class SwitchAttentionExperts(nn.Module):
         attended = attended.transpose(1, 2).reshape(self.top_k * num_tokens, hidden)  # (k*t, h) in slot order
 
         pair_output = _SortedExpertsLinear.apply(
-            attended[slot], self.o_proj, self.o_proj_bias, rows_per_expert, False
+            attended.index_select(0, slot), self.o_proj, self.o_proj_bias, rows_per_expert, False
         )  # (p, h)
         pair_output = pair_output * pairs.gate[order].unsqueeze(-1)
-        output = torch.zeros_like(tokens).index_add_(0, token, pair_output)  # (t, h)
+        if every_pair_kept and self.top_k == 1:
+            output = pair_output.index_select(0, unsort)  # (t, h): with one choice, a token's slot is the token
+        else:
+            output = torch.zeros_like(tokens).index_add_(0, token, pair_output)  # (t, h)
         return output.view_as(hidden_states), routing
 
 

@@ -1,0 +1,40 @@
+"""scripts/bench_moe.py runs end to end at tiny shapes and reports every contender and target (no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_benchmark_reports_every_contender_and_target(tmp_path):
+    output = tmp_path / "bench.json"
+    command = [
+        sys.executable, str(REPO_ROOT / "scripts" / "bench_moe.py"), "--threads", "1",
+        "--tokens", "64", "--seq-len", "32", "--hidden", "32", "--ffn", "64", "--heads", "4",
+        "--experts", "4", "8", "--attention-experts", "4", "--repeats", "1", "--warmup", "0",
+        "--e2e-batch", "1", "--e2e-seq-len", "8", "--e2e-repeats", "1", "--output", str(output),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads(output.read_text())
+    assert [r["num_experts"] for r in report["experts"]] == [4, 8]
+    for result in report["experts"]:
+        assert set(result["contenders"]) == {
+            "dense", "switch-hf/sorted_mm", "switch-hf/grouped_mm", "SwitchTransformersSparseMLP"
+        }
+        assert result["tokens_per_expert"]["mean"] == 64 / result["num_experts"]  # top-1, dropless
+        for row in result["contenders"].values():
+            assert row["forward"]["median_ms"] > 0 and row["forward_backward"]["median_ms"] > 0
+            assert row["memory"]["peak_bytes"] > 0
+    attention = report["attention_experts"][0]
+    assert set(attention["contenders"]) == {"dense attention", "switch-hf attention experts"}
+    assert attention["contenders"]["dense attention"]["forward"]["to_dense"] == 1.0
+    assert set(report["end_to_end"]) >= {"inference", "training_step"}
+    checked = [check["target"] for check in report["targets"]]
+    assert "4 attention experts: forward to_dense" in checked
+    assert any(target.startswith("end to end inference") for target in checked)
+    assert all(isinstance(check["met"], bool) for check in report["targets"])

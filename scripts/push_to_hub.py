@@ -16,6 +16,7 @@ arguments are unusable, 130 interrupted (nothing is committed then).
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -111,4 +112,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if exit_code == 130:
+        # Interrupted: upload threads may still be blocked on the network, and a normal exit would wait for their
+        # requests to end. Nothing is left to clean up, since the commit was never sent: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

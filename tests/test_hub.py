@@ -453,6 +453,9 @@ def test_push_interrupted_during_the_weights_upload_leaves_no_commit(hub, checkp
     push = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py"), str(checkpoint), repo_id],
         env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A user's Ctrl-C reaches a push whose SIGINT is live; a test run started in the background by a
+        # non-interactive shell would otherwise pass SIGINT on as ignored, and Python would never see it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert upload_started.wait(timeout=240), "the push never started uploading the weights"

@@ -133,6 +133,23 @@ def forward_backward_step(forward, parameters, output_grad):
     return step
 
 
+def timing_row(timing: dict, dense_s: float) -> dict:
+    """One contender's figures in one mode: median and samples in ms, and the ratio to the dense reference."""
+    return {
+        "median_ms": 1e3 * timing["median_s"],
+        "samples_ms": [1e3 * s for s in timing["samples_s"]],
+        "to_dense": timing["median_s"] / dense_s,
+    }
+
+
+def load_summary(tokens_per_expert: torch.Tensor) -> dict:
+    return {
+        "min": int(tokens_per_expert.min()),
+        "max": int(tokens_per_expert.max()),
+        "mean": float(tokens_per_expert.mean()),
+    }
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -302,12 +319,7 @@ def bench_experts(args, num_experts: int) -> dict:
         row = {}
         for mode in ("forward", "forward_backward"):
             seconds = timings[f"{name}|{mode}"]["median_s"]
-            row[mode] = {
-                "median_ms": 1e3 * seconds,
-                "samples_ms": [1e3 * s for s in timings[f"{name}|{mode}"]["samples_s"]],
-                "to_dense": seconds / dense[mode],
-                "to_floor": seconds / floor[mode],
-            }
+            row[mode] = {**timing_row(timings[f"{name}|{mode}"], dense[mode]), "to_floor": seconds / floor[mode]}
             if transformers_name in found:
                 row[mode]["transformers_over_this"] = timings[f"{transformers_name}|{mode}"]["median_s"] / seconds
         if name in memory:
@@ -319,7 +331,7 @@ def bench_experts(args, num_experts: int) -> dict:
         "expert_weight_bytes": tensor_bytes(expert_weights),
         "stream_ms": 1e3 * stream_s,
         "floor_ms": {mode: 1e3 * seconds for mode, seconds in floor.items()},
-        "tokens_per_expert": {"min": int(load.min()), "max": int(load.max()), "mean": float(load.mean())},
+        "tokens_per_expert": load_summary(load),
         "contenders": rows,
     }
 
@@ -352,18 +364,14 @@ def bench_attention_experts(args, num_experts: int) -> dict:
         load = routed(inputs, attention_mask, token_mask)[1].tokens_per_expert
     rows = {}
     for name in found:
-        rows[name] = {}
-        for mode in ("forward", "forward_backward"):
-            seconds = timings[f"{name}|{mode}"]["median_s"]
-            rows[name][mode] = {
-                "median_ms": 1e3 * seconds,
-                "samples_ms": [1e3 * s for s in timings[f"{name}|{mode}"]["samples_s"]],
-                "to_dense": seconds / timings[f"dense attention|{mode}"]["median_s"],
-            }
+        rows[name] = {
+            mode: timing_row(timings[f"{name}|{mode}"], timings[f"dense attention|{mode}"]["median_s"])
+            for mode in ("forward", "forward_backward")
+        }
     return {
         "num_experts": num_experts,
         "heads": args.heads,
-        "tokens_per_expert": {"min": int(load.min()), "max": int(load.max()), "mean": float(load.mean())},
+        "tokens_per_expert": load_summary(load),
         "contenders": rows,
     }
 

@@ -52,6 +52,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction
+from switch_hf.memory import keep_freed_memory
 from switch_hf.modeling_switch import LayerRouting, SwitchAttention, SwitchAttentionExperts, SwitchSparseBlock
 
 logger = logging.getLogger("bench_moe")
@@ -83,6 +84,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per contender and mode first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--release-freed-memory",
+        action="store_true",
+        help="leave glibc's default, which hands large freed blocks back to the OS, instead of keeping them for reuse "
+        "as scripts/train.py does (switch_hf.memory.keep_freed_memory)",
+    )
     parser.add_argument("--skip-transformers", action="store_true", help="do not time SwitchTransformersSparseMLP")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--skip-end-to-end", action="store_true")
@@ -416,7 +423,8 @@ def bench_end_to_end(args) -> dict:
     labels = torch.full(shape, -100)
     masked = torch.rand(shape, generator=generator) < 0.15  # a masked-token objective, as scripts/train.py
     labels[masked] = input_ids[masked]
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5) for name, model in models.items()}
+    # As scripts/train.py.
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True) for name, model in models.items()}
 
     def inference(model):
         def step():
@@ -561,6 +569,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     report = {
         "threads": torch.get_num_threads(),
+        "keep_freed_memory": not args.release_freed_memory and keep_freed_memory(),
         "tokens": args.tokens,
         "seq_len": args.seq_len,
         "hidden": args.hidden,

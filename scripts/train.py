@@ -36,6 +36,7 @@ from prepare_corpus import load_tokenized_corpus  # noqa: E402
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction  # noqa: E402
 from switch_hf.data import ReconstructionCollator  # noqa: E402
+from switch_hf.memory import keep_freed_memory  # noqa: E402
 
 logger = logging.getLogger("train")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +149,8 @@ def main(argv=None):
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
     logger.info("training on %d process(es), device %s", accelerator.num_processes, accelerator.device)
+    # Each step frees and reallocates the gradients; without this, glibc faults them in afresh every step.
+    keep_freed_memory()
     output_dir = Path(args.output_dir)
     state_dir = output_dir / "state"
     if args.batch_size % accelerator.num_processes:
@@ -184,7 +187,8 @@ def main(argv=None):
     groups = [{"params": switch_params, "lr": args.learning_rate}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": args.backbone_learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    # One fused kernel per parameter instead of a chain of foreach ops: the experts make most of the parameters.
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 

@@ -53,7 +53,14 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction
 from switch_hf.memory import keep_freed_memory
-from switch_hf.modeling_switch import LayerRouting, SwitchAttention, SwitchAttentionExperts, SwitchSparseBlock
+from switch_hf.modeling_switch import (
+    LayerRouting,
+    SwitchAttention,
+    SwitchAttentionExperts,
+    SwitchSparseBlock,
+    _SortedExpertsLinear,
+    group_by_expert,
+)
 
 logger = logging.getLogger("bench_moe")
 
@@ -68,6 +75,8 @@ TARGET_ATTENTION_FORWARD = 1.25  # issue #6: attention experts against one dense
 # `weight[expert]` for every expert, an O(e^2) backward (about 100 s a step at 128 experts on 2 cores), and
 # `batched_mm` gathers one weight matrix per token, (tokens, ffn, h) floats: 19 GB at 4,096 tokens.
 DEFAULT_IMPLEMENTATIONS = ("sorted_mm", "grouped_mm")
+# A reference row, not an MoE: see `expert_matmuls`.
+EXPERT_MATMULS = "reference: expert matmuls"
 
 
 def parse_args(argv=None):
@@ -244,6 +253,35 @@ class DenseFFN(nn.Module):
         return self.down(self.act(self.up(hidden_states)))
 
 
+def expert_matmuls(block: SwitchSparseBlock, inputs: torch.Tensor):
+    """forward() of the block's per-expert products and activation alone, on the tokens already sorted by expert.
+
+    Routing, the gather of routed tokens and the unsorting of their outputs are left out, so this is what any
+    implementation that calls the BLAS once per expert pays at least: the gap from dense to this row is the matrix
+    products' own (smaller GEMMs, every expert's weights read), the gap from this row to `switch-hf/sorted_mm` is the
+    block's routing and data movement. Top-1 and dropless, so the output has one row per token, in expert order.
+    """
+    experts = block.experts
+    tokens = inputs.reshape(-1, inputs.shape[-1])
+    with torch.no_grad():
+        pairs, _ = block.router(tokens, torch.ones(tokens.shape[0], dtype=torch.bool))
+    order, rows_per_expert = group_by_expert(pairs.expert, experts.num_experts)
+    sorted_tokens = tokens.index_select(0, pairs.token[order])
+
+    def forward():
+        inner = _SortedExpertsLinear.apply(sorted_tokens, experts.up_proj, experts.up_proj_bias, rows_per_expert, False)
+        output = _SortedExpertsLinear.apply(
+            experts.act_fn(inner), experts.down_proj, experts.down_proj_bias, rows_per_expert, False
+        )
+        return output.view_as(inputs)
+
+    with torch.no_grad():  # the same products as the block: gated and back in token order, the block's output
+        gated = forward().reshape(tokens.shape) * pairs.gate[order].unsqueeze(-1)
+        block_output = block(inputs, torch.ones(inputs.shape[:2], dtype=torch.bool))[0].reshape(tokens.shape)
+        torch.testing.assert_close(gated, block_output[pairs.token[order]], rtol=1e-4, atol=1e-5)
+    return forward
+
+
 def contenders(args, num_experts: int, inputs: torch.Tensor):
     """name -> (module, forward(), parameters) for one number of experts, all on the same inputs (b, s, h)."""
     token_mask = torch.ones(inputs.shape[:2], dtype=torch.bool)
@@ -264,6 +302,7 @@ def contenders(args, num_experts: int, inputs: torch.Tensor):
             return block(inputs, token_mask)[0]
 
         found[f"switch-hf/{implementation}"] = (block, run_block, list(block.parameters()))
+    found[EXPERT_MATMULS] = (block.experts, expert_matmuls(block, inputs), list(block.experts.parameters()))
     if not args.skip_transformers:
         twin = transformers_twin(args, block)
         found["SwitchTransformersSparseMLP"] = (twin, lambda: twin(inputs), list(twin.parameters()))
@@ -275,7 +314,7 @@ def check_same_function(found):
     outputs = {}
     with torch.no_grad():
         for name, (_, forward, _) in found.items():
-            if name != "dense":
+            if name not in ("dense", EXPERT_MATMULS):
                 outputs[name] = forward()
     reference_name = next(iter(outputs))
     for name, output in outputs.items():

@@ -24,7 +24,8 @@ def test_benchmark_reports_every_contender_and_target(tmp_path):
     assert [r["num_experts"] for r in report["experts"]] == [4, 8]
     for result in report["experts"]:
         assert set(result["contenders"]) == {
-            "dense", "switch-hf/sorted_mm", "switch-hf/grouped_mm", "SwitchTransformersSparseMLP"
+            "dense", "switch-hf/sorted_mm", "switch-hf/grouped_mm", "SwitchTransformersSparseMLP",
+            "reference: expert matmuls",
         }
         assert result["tokens_per_expert"]["mean"] == 64 / result["num_experts"]  # top-1, dropless
         for row in result["contenders"].values():
@@ -38,3 +39,4 @@ def test_benchmark_reports_every_contender_and_target(tmp_path):
     assert "4 attention experts: forward to_dense" in checked
     assert any(target.startswith("end to end inference") for target in checked)
     assert all(isinstance(check["met"], bool) for check in report["targets"])
+    assert report["keep_freed_memory"] is True  # as scripts/train.py

@@ -355,17 +355,34 @@ def sorted_mm_experts_forward(
     )  # (n, h)
     if self.has_post_expert_norm:
         expert_output = self.post_expert_norm(expert_output)
-    expert_output = expert_output * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(expert_output.dtype)
+    return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
-    # Back to (row, choice) order, then sum each row's choices.
-    if order.shape[0] == num_rows * top_k:
-        # Every pair ran: one gather through the inverse permutation, instead of zero-filling then scattering.
-        output = expert_output.index_select(0, inverse_permutation(order))  # (p * k, h)
-    else:
-        output = expert_output.new_zeros(num_rows * top_k, expert_output.shape[-1]).index_copy(0, order, expert_output)
-    if top_k > 1:
-        output = output.view(num_rows, top_k, -1).sum(dim=1)
-    return output.to(hidden_states.dtype)
+
+def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Each row's gate-weighted sum of its experts' outputs, read back from expert order.
+
+    One embedding bag per row, over the row's pairs that ran: unsorting, gating and summing the choices take a single
+    pass over the outputs (and a single pass back in the backward), instead of a multiply, a gather and a sum.
+
+    Args:
+        expert_output: (n, h) the outputs of the pairs that ran, in expert order.
+        order: (n,) the pair (`row * k + choice`) behind each output row.
+        top_k_weights: (p, k) the gate value of each pair.
+    Returns:
+        (p, h); zero for a row none of whose pairs ran.
+    """
+    num_rows, top_k = top_k_weights.shape
+    position = order.new_full((num_rows * top_k,), -1)  # (p * k,) where each pair's output is, -1: did not run
+    position[order] = torch.arange(order.shape[0], device=order.device)
+    ran = position >= 0
+    pairs_per_row = ran.view(num_rows, top_k).sum(dim=1)  # (p,)
+    return F.embedding_bag(
+        position[ran],
+        expert_output,
+        offsets=pairs_per_row.cumsum(0) - pairs_per_row,
+        mode="sum",
+        per_sample_weights=top_k_weights.reshape(-1)[ran].to(expert_output.dtype),
+    )
 
 
 # Registered globally, like transformers' own implementations: `experts_implementation="sorted_mm"` then works for

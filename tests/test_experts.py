@@ -72,8 +72,9 @@ def test_experts_without_tokens_get_exactly_zero_gradient():
     config = tiny_config(num_experts=8, capacity_factor_train=None, router_jitter_noise=0.0)
     config._experts_implementation = "sorted_mm"
     block = SwitchSparseBlock(config).train()
-    torch.nn.init.normal_(block.experts.up_proj, std=0.1)
-    torch.nn.init.normal_(block.experts.down_proj, std=0.1)
+    # A bare block's parameters are torch.empty: initialise every one, biases included, or garbage (inf, NaN) leaks in.
+    for name in ("up_proj", "down_proj", "up_proj_bias", "down_proj_bias"):
+        torch.nn.init.normal_(getattr(block.experts, name), std=0.1)
     with torch.no_grad():  # on positive inputs, experts 5, 6 and 7 can never win the router
         block.router.weight.normal_()
         block.router.weight[5:] = -100.0
@@ -148,7 +149,8 @@ def test_sorted_mm_backward_allocates_each_weight_gradient_once():
     num_experts = 16
     config = tiny_config(num_experts=num_experts, capacity_factor_train=None, router_jitter_noise=0.0)
     block = SwitchSparseBlock(config).train()
-    torch.nn.init.normal_(block.router.weight, std=0.02)
+    for parameter in block.parameters():  # torch.empty otherwise
+        torch.nn.init.normal_(parameter, std=0.02)
     hidden = torch.randn(4, 16, config.hidden_size)
     mask = torch.ones(4, 16, dtype=torch.bool)
     full_gradient_bytes = block.experts.up_proj.numel() * block.experts.up_proj.element_size()

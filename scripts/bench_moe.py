@@ -275,6 +275,7 @@ def expert_matmuls(block: SwitchSparseBlock, inputs: torch.Tensor):
         )
         return output.view_as(inputs)
 
+    experts.config._experts_implementation = "sorted_mm"
     with torch.no_grad():  # the same products as the block: gated and back in token order, the block's output
         gated = forward().reshape(tokens.shape) * pairs.gate[order].unsqueeze(-1)
         block_output = block(inputs, torch.ones(inputs.shape[:2], dtype=torch.bool))[0].reshape(tokens.shape)

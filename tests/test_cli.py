@@ -1,7 +1,10 @@
 """The `switch-hf` command: reconstruct and fill-mask on a checkpoint, their errors, and the released default."""
 
+from pathlib import Path
+
 import pytest
 
+import switch_hf
 from switch_hf.cli import RELEASED_CHECKPOINT, main
 
 SEED_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -66,3 +69,9 @@ def test_the_released_model_reconstructs_the_seed_sentence(capsys):
     shape_line, text_line = capsys.readouterr().out.strip().splitlines()
     assert shape_line == "Output shape: (1, 12, 30522)"
     assert text_line == "Decoded output: the quick brown fox jumps over the lazy dog."
+
+
+@pytest.mark.parametrize("name", ["configuration_switch.py", "modeling_switch.py", "pipeline_switch.py"])
+def test_the_released_model_ships_the_package_code(name):
+    """Where the package is not installed, `trust_remote_code` runs the checkpoint's copy: it must be this code."""
+    assert (RELEASED_CHECKPOINT / name).read_text() == (Path(switch_hf.__file__).parent / name).read_text()

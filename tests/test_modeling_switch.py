@@ -192,7 +192,7 @@ def test_aux_losses_on_a_hand_computed_case():
     probs = logits.softmax(-1)
     gate, choice = probs.topk(1, dim=-1)
     kept = block.router._within_capacity(choice, mask, None)
-    routing = block.router._routing_summary(logits, probs, choice, kept, mask)
+    routing = block.router._routing_summary(logits, logits.logsumexp(-1, keepdim=True), probs, choice, kept, mask)
     # f = (2/3, 1/3); P = ((.75 + .75 + .25) / 3, (.25 + .25 + .75) / 3); loss = 2 * (f . P)
     expected = 2 * (2 / 3 * 1.75 / 3 + 1 / 3 * 1.25 / 3)
     assert routing.load_balancing_loss.item() == pytest.approx(expected)

@@ -90,7 +90,14 @@ def parse_args(argv=None):
     parser.add_argument("--attention-experts", type=int, nargs="*", default=[8, 32], help="none: skip them")
     parser.add_argument("--implementations", nargs="+", default=list(DEFAULT_IMPLEMENTATIONS))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender and mode (median kept)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per contender and mode first")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed rounds first. With freed memory kept, the heap grows over the first rounds until it fits every "
+        "contender's allocations, and memory new to the process is slow to touch the first time (about 1 s per 300 MB "
+        "on the reference VM): the timed rounds measure the steady state a training loop reaches",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

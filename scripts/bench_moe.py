@@ -20,7 +20,7 @@ Attention experts (`SwitchAttentionExperts`: routed query/output projections, sh
 way against one dense multi-head attention layer of the same active size (`SwitchAttention`), for
 `--attention-experts` (8 and 32 by default), top-1 and dropless.
 
-    python scripts/bench_moe.py                                  # the shapes, about 3-4 minutes on 2 cores
+    python scripts/bench_moe.py                                  # the shapes, 1-2 minutes on 2 cores
     python scripts/bench_moe.py --experts 8 --repeats 3 --skip-end-to-end
     python scripts/bench_moe.py --implementations sorted_mm grouped_mm eager --experts 8 32
 

@@ -541,11 +541,10 @@ class SwitchAttentionExperts(nn.Module):
         pair_output = _SortedExpertsLinear.apply(
             attended.index_select(0, slot), self.o_proj, self.o_proj_bias, rows_per_expert, False
         )  # (p, h)
-        pair_output = pair_output * pairs.gate[order].unsqueeze(-1)
-        if every_pair_kept and self.top_k == 1:
-            output = pair_output.index_select(0, unsort)  # (t, h): with one choice, a token's slot is the token
-        else:
-            output = torch.zeros_like(tokens).index_add_(0, token, pair_output)  # (t, h)
+        gates = pairs.gate.new_zeros(num_tokens, self.top_k)  # (t, k), read only where a pair was kept
+        gates[pairs.token, pairs.choice] = pairs.gate
+        pair_id = token * self.top_k + pairs.choice[order]  # (p,) the (token, choice) behind each sorted pair
+        output = combine_expert_outputs(pair_output, pair_id, gates)  # (t, h)
         return output.view_as(hidden_states), routing
 
 

@@ -58,8 +58,8 @@ from switch_hf.modeling_switch import (
     SwitchAttention,
     SwitchAttentionExperts,
     SwitchSparseBlock,
-    _SortedExpertsLinear,
     group_by_expert,
+    sorted_experts_feed_forward,
 )
 
 logger = logging.getLogger("bench_moe")
@@ -276,12 +276,9 @@ def expert_matmuls(block: SwitchSparseBlock, inputs: torch.Tensor):
     sorted_tokens = tokens.index_select(0, pairs.token[order])
 
     def forward():
-        inner = _SortedExpertsLinear.apply(sorted_tokens, experts.up_proj, experts.up_proj_bias, rows_per_expert, False)
-        output = _SortedExpertsLinear.apply(
-            experts.act_fn(inner), experts.down_proj, experts.down_proj_bias, rows_per_expert, False
-        )
-        return output.view_as(inputs)
+        return sorted_experts_feed_forward(experts, sorted_tokens, rows_per_expert).view_as(inputs)
 
+    # Checked against the block running sorted_mm (the config names no implementation until a contender sets one).
     experts.config._experts_implementation = "sorted_mm"
     with torch.no_grad():  # the same products as the block: gated and back in token order, the block's output
         gated = forward().reshape(tokens.shape) * pairs.gate[order].unsqueeze(-1)

@@ -321,10 +321,11 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.T
     return order[: sum(rows_per_expert)], rows_per_expert
 
 
-def inverse_permutation(permutation: torch.Tensor) -> torch.Tensor:
-    """(n,) -> (n,) `inverse` with `inverse[permutation[i]] == i`: gathering through it undoes a gather by
-    `permutation`, in one pass instead of zero-filling then scattering."""
-    inverse = torch.empty_like(permutation)
+def inverse_permutation(permutation: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """(n,) distinct indices -> (size,) `inverse` with `inverse[permutation[i]] == i`, and -1 at the indices
+    `permutation` lacks (`size` defaults to n: a full permutation, which leaves none). Gathering through it undoes a
+    gather by `permutation`, in one pass instead of zero-filling then scattering."""
+    inverse = permutation.new_full((permutation.shape[0] if size is None else size,), -1)
     inverse[permutation] = torch.arange(permutation.shape[0], device=permutation.device)
     return inverse
 
@@ -351,10 +352,18 @@ def sorted_mm_experts_forward(
     Returns:
         (p, h) the gated sum of each row's experts' outputs; zero for a row whose experts were all skipped.
     """
-    num_rows, top_k = top_k_index.shape
+    top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
     expert_input = hidden_states.index_select(0, order // top_k if top_k > 1 else order)  # (n, h)
+    expert_output = sorted_experts_feed_forward(self, expert_input, rows_per_expert)  # (n, h)
+    return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
+
+def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
+    """The experts' feed-forward networks on rows already sorted by expert, ungated: (n, h) -> (n, h).
+
+    The matrix-product part of "sorted_mm", between the gather by expert and the combine back to row order.
+    """
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
     else:
@@ -370,7 +379,7 @@ def sorted_mm_experts_forward(
     )  # (n, h)
     if self.has_post_expert_norm:
         expert_output = self.post_expert_norm(expert_output)
-    return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
+    return expert_output
 
 
 def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -387,8 +396,7 @@ def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top
         (p, h); zero for a row none of whose pairs ran.
     """
     num_rows, top_k = top_k_weights.shape
-    position = order.new_full((num_rows * top_k,), -1)  # (p * k,) where each pair's output is, -1: did not run
-    position[order] = torch.arange(order.shape[0], device=order.device)
+    position = inverse_permutation(order, num_rows * top_k)  # (p * k,) where each pair's output is, -1: did not run
     ran = position >= 0
     pairs_per_row = ran.view(num_rows, top_k).sum(dim=1)  # (p,)
     return F.embedding_bag(

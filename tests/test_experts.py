@@ -4,7 +4,7 @@ how the default implementation is chosen, and bad choices."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from switch_hf import SwitchForTokenReconstruction
 from switch_hf.modeling_switch import SwitchSparseBlock, _SortedExpertsLinear
@@ -186,27 +186,54 @@ def test_sorted_mm_keeps_expert_dropout():
         torch.testing.assert_close(model(input_ids=input_ids).logits, eval_sorted, rtol=1e-5, atol=1e-5)
 
 
-def test_sorted_mm_serves_other_models_through_the_interface():
-    """Registered with transformers' experts interface, it runs any `@use_experts_implementation` experts, here
-    Mixtral's gated experts without bias."""
+def other_moe_model(name):
+    """Tiny transformers MoE models whose experts differ from Switch's: Mixtral's are gated without bias, GPT-OSS's
+    are stored transposed (e, in, out), with biases and their own gate function."""
     torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    model = MixtralForCausalLM(config).eval()
+    shared = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    if name == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**shared)).eval()
+    model = GptOssForCausalLM(GptOssConfig(**shared, head_dim=8, layer_types=["full_attention"])).eval()
+    for parameter in model.parameters():  # its biases start at zero: make them count
+        torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("model_name", ["mixtral", "gpt-oss"])
+@pytest.mark.parametrize("with_autograd", [True, False], ids=["autograd", "inference"])
+def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_autograd):
+    """Registered with transformers' experts interface, it runs any `@use_experts_implementation` experts. Without
+    autograd it takes its expert-by-expert path, which must compute the same function."""
+    model = other_moe_model(model_name)
     input_ids = torch.randint(0, 64, (2, 7))
     outputs = {}
     for implementation in ("eager", "sorted_mm"):
         model.set_experts_implementation(implementation)
-        outputs[implementation] = model(input_ids).logits
+        with torch.set_grad_enabled(with_autograd):
+            outputs[implementation] = model(input_ids).logits
+    assert outputs["sorted_mm"].requires_grad == with_autograd
     torch.testing.assert_close(outputs["sorted_mm"], outputs["eager"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(num_experts=8, top_k=1, capacity_factor_eval=0.5), dict(num_experts=4, top_k=3, capacity_factor_eval=None)],
+    ids=["top1-dropping", "top3-dropless"],
+)
+def test_sorted_mm_inference_path_matches_its_autograd_path(overrides):
+    """Under no_grad, `sorted_mm` runs each expert's whole network in turn; with autograd, one projection at a time
+    for all experts. Same function, dropped tokens and padding included."""
+    model = confident_model(**overrides).eval()
+    model.set_experts_implementation("sorted_mm")
+    input_ids = random_ids(3, 11)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    with_autograd = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    with torch.no_grad():
+        inference = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert with_autograd.requires_grad and not inference.requires_grad
+    torch.testing.assert_close(inference, with_autograd.detach(), rtol=1e-5, atol=1e-5)
 
 
 # --- choosing the implementation ----------------------------------------------------------------------------------

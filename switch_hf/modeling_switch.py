@@ -244,18 +244,7 @@ class _SortedExpertsLinear(torch.autograd.Function):
         Returns:
             (n, out).
         """
-        output = input.new_empty(input.shape[0], weight.shape[2] if is_transposed else weight.shape[1])
-        # Per-expert views, made in one call each rather than sliced expert by expert: at 128 experts the Python
-        # bookkeeping of the loop is otherwise a visible share of the time.
-        per_expert = zip(
-            input.split(rows_per_expert),
-            output.split(rows_per_expert),
-            _input_major(weight, is_transposed),
-            _per_expert_or_none(bias, weight.shape[0]),
-        )
-        for expert_input, expert_output, expert_weight, expert_bias in per_expert:
-            if expert_input.shape[0] > 0:
-                _linear_into(expert_input, expert_weight, expert_bias, expert_output)
+        output = _sorted_linear(input, _input_major(weight, is_transposed), bias, rows_per_expert)
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
         ctx.rows_per_expert = rows_per_expert
@@ -310,14 +299,33 @@ def _per_expert_or_none(stacked: torch.Tensor | None, num_experts: int):
     return stacked if stacked is not None else [None] * num_experts
 
 
-def _linear_into(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """`out = rows @ weight + bias` for one expert: rows (m, in), weight (in, out), bias (out,) or None.
+def _sorted_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows_per_expert: list[int],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`out[rows of expert i] = input[rows of expert i] @ weight[i] + bias[i]`, without autograd.
 
-    The bias goes in place on `out` right after the product, while `out` is still in cache.
+    Args:
+        input: (n, in) rows sorted by expert, `rows_per_expert[i]` of them for expert i.
+        weight: (e, in, out) (see `_input_major`). bias: (e, out) or None.
+        out: (n, out) to write into, or None for a new tensor.
     """
-    torch.mm(rows, weight, out=out)
-    if bias is not None:
-        out.add_(bias)
+    if out is None:
+        out = input.new_empty(input.shape[0], weight.shape[2])
+    # Per-expert views, made in one call each rather than sliced expert by expert: at 128 experts the Python
+    # bookkeeping of the loop is otherwise a visible share of the time.
+    per_expert = zip(
+        input.split(rows_per_expert), out.split(rows_per_expert), weight, _per_expert_or_none(bias, weight.shape[0])
+    )
+    for expert_input, expert_output, expert_weight, expert_bias in per_expert:
+        if expert_input.shape[0] == 0:
+            continue
+        torch.mm(expert_input, expert_weight, out=expert_output)
+        if expert_bias is not None:
+            expert_output.add_(expert_bias)  # in place right after the product, while the slice is still in cache
     return out
 
 
@@ -381,7 +389,7 @@ def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, row
 
     The matrix-product part of "sorted_mm", between the gather by expert and the combine back to row order.
     With autograd, each projection runs for all experts in turn (`_SortedExpertsLinear`, which also computes the
-    gradients); without it, each expert runs its whole network before the next one starts.
+    gradients); without it, groups of experts run their whole networks in turn (`_feed_forward_in_groups`).
     """
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
@@ -393,7 +401,7 @@ def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, row
         tensor is not None and tensor.requires_grad for tensor in (expert_input, up_weight, up_bias, self.down_proj, down_bias)
     )
     if not needs_grad:
-        return _feed_forward_expert_by_expert(self, expert_input, rows_per_expert, up_weight, up_bias, down_bias)
+        return _feed_forward_in_groups(self, expert_input, rows_per_expert, up_weight, up_bias, down_bias)
 
     inner = _SortedExpertsLinear.apply(
         expert_input.to(up_weight.dtype), up_weight, up_bias, rows_per_expert, self.is_transposed
@@ -407,28 +415,42 @@ def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, row
     return expert_output
 
 
-def _feed_forward_expert_by_expert(self, expert_input, rows_per_expert, up_weight, up_bias, down_bias) -> torch.Tensor:
-    """Inference form of `sorted_experts_feed_forward`: each expert's inner activations (its rows x intermediate)
-    stay in cache from the first product, through the bias and the activation, into the second. Run projection by
-    projection, they would make three round trips to memory as one (n, intermediate) tensor: at 8 experts and 4,096
-    tokens that is 25 MB a trip, about 4% of the layer's time (docs/benchmarks.md).
+# Inference runs the experts in groups whose inner activations take about this much memory (see below).
+INFERENCE_GROUP_BYTES = 4 * 2**20
+
+
+def _feed_forward_in_groups(self, expert_input, rows_per_expert, up_weight, up_bias, down_bias) -> torch.Tensor:
+    """Inference form of `sorted_experts_feed_forward`: consecutive experts are taken in groups of about
+    `INFERENCE_GROUP_BYTES` of inner activations, and each group runs both projections before the next starts.
+
+    Run one projection at a time for all experts, the (n, intermediate) inner activations (25 MB at 4,096 tokens and
+    1,536) go to memory and back three times: product, activation, second product. A group's stay in cache. Groups
+    of several experts rather than one: per expert, the extra Python calls and the switching between the two weight
+    tensors cost more than they save once an expert has few rows (measured at 128 experts; docs/benchmarks.md).
     """
     num_experts = up_weight.shape[0]
-    output = expert_input.new_empty(expert_input.shape[0], self.down_proj.shape[2 if self.is_transposed else 1])
-    per_expert = zip(
-        expert_input.to(up_weight.dtype).split(rows_per_expert),
-        output.split(rows_per_expert),
-        _input_major(up_weight, self.is_transposed),
-        _per_expert_or_none(up_bias, num_experts),
-        _input_major(self.down_proj, self.is_transposed),
-        _per_expert_or_none(down_bias, num_experts),
-    )
-    for rows, expert_output, expert_up, expert_up_bias, expert_down, expert_down_bias in per_expert:
-        if rows.shape[0] == 0:
+    up, down = _input_major(up_weight, self.is_transposed), _input_major(self.down_proj, self.is_transposed)
+    rows_per_group = max(1, INFERENCE_GROUP_BYTES // (up.shape[2] * expert_input.element_size()))
+    expert_input = expert_input.to(up.dtype)
+    output = expert_input.new_empty(expert_input.shape[0], down.shape[2])
+    first_expert = first_row = group_rows = 0
+    for expert in range(num_experts):
+        group_rows += rows_per_expert[expert]
+        if group_rows < rows_per_group and expert < num_experts - 1:
             continue
-        inner = _linear_into(rows, expert_up, expert_up_bias, rows.new_empty(rows.shape[0], expert_up.shape[1]))
+        experts, rows = slice(first_expert, expert + 1), slice(first_row, first_row + group_rows)
+        inner = _sorted_linear(
+            expert_input[rows], up[experts], up_bias[experts] if up_bias is not None else None, rows_per_expert[experts]
+        )  # (group_rows, intermediate), or (group_rows, 2 * intermediate) when gated
         inner = self._apply_gate(inner) if self.has_gate else self.act_fn(inner)
-        _linear_into(inner, expert_down, expert_down_bias, expert_output)
+        _sorted_linear(
+            inner,
+            down[experts],
+            down_bias[experts] if down_bias is not None else None,
+            rows_per_expert[experts],
+            out=output[rows],
+        )
+        first_expert, first_row, group_rows = expert + 1, first_row + group_rows, 0
     if self.has_post_expert_norm:
         output = self.post_expert_norm(output)
     return output

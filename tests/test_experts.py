@@ -7,6 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from switch_hf import SwitchForTokenReconstruction
+from switch_hf import modeling_switch
 from switch_hf.modeling_switch import SwitchSparseBlock, _SortedExpertsLinear
 
 from conftest import TINY_VOCAB, tiny_config
@@ -200,11 +201,18 @@ def other_moe_model(name):
     return model
 
 
+# Inference runs experts in groups of INFERENCE_GROUP_BYTES of inner activations: at the tests' tiny sizes the default
+# makes one group of all experts, a single byte makes one group per expert that has rows.
+GROUP_SIZES = pytest.mark.parametrize("group_bytes", [modeling_switch.INFERENCE_GROUP_BYTES, 1], ids=["one-group", "expert-groups"])
+
+
 @pytest.mark.parametrize("model_name", ["mixtral", "gpt-oss"])
 @pytest.mark.parametrize("with_autograd", [True, False], ids=["autograd", "inference"])
-def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_autograd):
+@GROUP_SIZES
+def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_autograd, group_bytes, monkeypatch):
     """Registered with transformers' experts interface, it runs any `@use_experts_implementation` experts. Without
-    autograd it takes its expert-by-expert path, which must compute the same function."""
+    autograd it takes its grouped inference path, which must compute the same function."""
+    monkeypatch.setattr(modeling_switch, "INFERENCE_GROUP_BYTES", group_bytes)
     model = other_moe_model(model_name)
     input_ids = torch.randint(0, 64, (2, 7))
     outputs = {}
@@ -221,9 +229,11 @@ def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_au
     [dict(num_experts=8, top_k=1, capacity_factor_eval=0.5), dict(num_experts=4, top_k=3, capacity_factor_eval=None)],
     ids=["top1-dropping", "top3-dropless"],
 )
-def test_sorted_mm_inference_path_matches_its_autograd_path(overrides):
-    """Under no_grad, `sorted_mm` runs each expert's whole network in turn; with autograd, one projection at a time
-    for all experts. Same function, dropped tokens and padding included."""
+@GROUP_SIZES
+def test_sorted_mm_inference_path_matches_its_autograd_path(overrides, group_bytes, monkeypatch):
+    """Under no_grad, `sorted_mm` runs groups of experts' whole networks in turn; with autograd, one projection at a
+    time for all experts. Same function, dropped tokens and padding included."""
+    monkeypatch.setattr(modeling_switch, "INFERENCE_GROUP_BYTES", group_bytes)
     model = confident_model(**overrides).eval()
     model.set_experts_implementation("sorted_mm")
     input_ids = random_ids(3, 11)

@@ -379,17 +379,24 @@ def sorted_mm_experts_forward(
     """
     top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
-    expert_input = hidden_states.index_select(0, order // top_k if top_k > 1 else order)  # (n, h)
-    expert_output = sorted_experts_feed_forward(self, expert_input, rows_per_expert)  # (n, h)
+    input_rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
+    expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, input_rows)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
 
-def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
-    """The experts' feed-forward networks on rows already sorted by expert, ungated: (n, h) -> (n, h).
+def sorted_experts_feed_forward(
+    self: nn.Module, expert_input: torch.Tensor, rows_per_expert: list[int], input_rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The experts' feed-forward networks on rows sorted by expert, ungated: -> (n, h).
 
-    The matrix-product part of "sorted_mm", between the gather by expert and the combine back to row order.
-    With autograd, each projection runs for all experts in turn (`_SortedExpertsLinear`, which also computes the
-    gradients); without it, groups of experts run their whole networks in turn (`_feed_forward_in_groups`).
+    The matrix-product part of "sorted_mm", before the combine back to row order. With autograd, each projection
+    runs for all experts in turn (`_SortedExpertsLinear`, which also computes the gradients); without it, groups of
+    experts run their whole networks in turn (`_feed_forward_in_groups`).
+
+    Args:
+        expert_input: (n, h) rows already sorted by expert, or, with `input_rows`, the rows to gather them from.
+        rows_per_expert: how many of the n sorted rows each expert has.
+        input_rows: (n,) which row of `expert_input` each sorted row is, or None.
     """
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
@@ -401,8 +408,10 @@ def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, row
         tensor is not None and tensor.requires_grad for tensor in (expert_input, up_weight, up_bias, self.down_proj, down_bias)
     )
     if not needs_grad:
-        return _feed_forward_in_groups(self, expert_input, rows_per_expert, up_weight, up_bias, down_bias)
+        return _feed_forward_in_groups(self, expert_input, rows_per_expert, input_rows, up_weight, up_bias, down_bias)
 
+    if input_rows is not None:
+        expert_input = expert_input.index_select(0, input_rows)
     inner = _SortedExpertsLinear.apply(
         expert_input.to(up_weight.dtype), up_weight, up_bias, rows_per_expert, self.is_transposed
     )  # (n, intermediate), or (n, 2 * intermediate) when gated
@@ -419,7 +428,7 @@ def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, row
 INFERENCE_GROUP_BYTES = 4 * 2**20
 
 
-def _feed_forward_in_groups(self, expert_input, rows_per_expert, up_weight, up_bias, down_bias) -> torch.Tensor:
+def _feed_forward_in_groups(self, expert_input, rows_per_expert, input_rows, up_weight, up_bias, down_bias) -> torch.Tensor:
     """Inference form of `sorted_experts_feed_forward`: consecutive experts are taken in groups of about
     `INFERENCE_GROUP_BYTES` of inner activations, and each group runs both projections before the next starts.
 
@@ -432,15 +441,17 @@ def _feed_forward_in_groups(self, expert_input, rows_per_expert, up_weight, up_b
     up, down = _input_major(up_weight, self.is_transposed), _input_major(self.down_proj, self.is_transposed)
     rows_per_group = max(1, INFERENCE_GROUP_BYTES // (up.shape[2] * expert_input.element_size()))
     expert_input = expert_input.to(up.dtype)
-    output = expert_input.new_empty(expert_input.shape[0], down.shape[2])
+    output = expert_input.new_empty(sum(rows_per_expert), down.shape[2])
     first_expert = first_row = group_rows = 0
     for expert in range(num_experts):
         group_rows += rows_per_expert[expert]
         if group_rows < rows_per_group and expert < num_experts - 1:
             continue
         experts, rows = slice(first_expert, expert + 1), slice(first_row, first_row + group_rows)
+        # Gathered group by group, so that the group's input is still in cache for its first product.
+        group_input = expert_input[rows] if input_rows is None else expert_input.index_select(0, input_rows[rows])
         inner = _sorted_linear(
-            expert_input[rows], up[experts], up_bias[experts] if up_bias is not None else None, rows_per_expert[experts]
+            group_input, up[experts], up_bias[experts] if up_bias is not None else None, rows_per_expert[experts]
         )  # (group_rows, intermediate), or (group_rows, 2 * intermediate) when gated
         inner = self._apply_gate(inner) if self.has_gate else self.act_fn(inner)
         _sorted_linear(

@@ -516,6 +516,8 @@ class SwitchSparseBlock(nn.Module):
         """
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (t, h)
         pairs, routing = self.router(tokens, token_mask.reshape(-1))
+        # The experts receive only the kept pairs, never the (tokens, k) routing with dropped pairs marked: transformers'
+        # own `grouped_mm` and `batched_mm` skip out-of-range expert ids only under expert parallelism.
         # Top-1 with no token dropped and no padding (dropless evaluation, most batches): the pairs are the tokens in
         # order, so the gather and the scatter back would only copy.
         every_token_once = pairs.token.shape[0] == tokens.shape[0] and self.router.top_k == 1

@@ -90,7 +90,8 @@ def test_experts_without_tokens_get_exactly_zero_gradient():
         assert grad[used].abs().sum() > 0, name
 
 
-def test_out_of_range_expert_ids_are_skipped_like_other_ranks_experts():
+@pytest.mark.parametrize("with_autograd", [True, False], ids=["autograd", "inference"])
+def test_out_of_range_expert_ids_are_skipped_like_other_ranks_experts(with_autograd):
     """Expert parallelism marks the pairs routed to other ranks' experts with ids >= num_experts: no output."""
     config = tiny_config(num_experts=4)
     block = SwitchSparseBlock(config)
@@ -103,11 +104,12 @@ def test_out_of_range_expert_ids_are_skipped_like_other_ranks_experts():
     valid = (index >= 0) & (index < 4)
 
     outputs = {}
-    for implementation in ("eager", "sorted_mm"):
-        config._experts_implementation = implementation
-        outputs[implementation] = experts(hidden, index, weights)
-    config._experts_implementation = "eager"
-    expected = experts(hidden, index.masked_fill(~valid, 0), weights.masked_fill(~valid, 0.0))
+    with torch.set_grad_enabled(with_autograd):
+        for implementation in ("eager", "sorted_mm"):
+            config._experts_implementation = implementation
+            outputs[implementation] = experts(hidden, index, weights)
+        config._experts_implementation = "eager"
+        expected = experts(hidden, index.masked_fill(~valid, 0), weights.masked_fill(~valid, 0.0))
     torch.testing.assert_close(outputs["sorted_mm"], expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outputs["eager"], expected, rtol=1e-6, atol=1e-6)
     assert torch.all(outputs["sorted_mm"][1] == 0)

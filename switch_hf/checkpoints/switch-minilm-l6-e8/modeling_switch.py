@@ -439,8 +439,8 @@ def _feed_forward_in_groups(self, expert_input, rows_per_expert, input_rows, up_
     """
     num_experts = up_weight.shape[0]
     up, down = _input_major(up_weight, self.is_transposed), _input_major(self.down_proj, self.is_transposed)
-    rows_per_group = max(1, INFERENCE_GROUP_BYTES // (up.shape[2] * expert_input.element_size()))
     expert_input = expert_input.to(up.dtype)
+    rows_per_group = max(1, INFERENCE_GROUP_BYTES // (up.shape[2] * expert_input.element_size()))
     output = expert_input.new_empty(sum(rows_per_expert), down.shape[2])
     first_expert = first_row = group_rows = 0
     for expert in range(num_experts):

@@ -244,7 +244,22 @@ class _SortedExpertsLinear(torch.autograd.Function):
         Returns:
             (n, out).
         """
-        output = _sorted_linear(input, _input_major(weight, is_transposed), bias, rows_per_expert)
+        output = input.new_empty(input.shape[0], weight.shape[2] if is_transposed else weight.shape[1])
+        # Per-expert views, made in one call each rather than sliced expert by expert: at 128 experts the Python
+        # bookkeeping of the loop is otherwise a visible share of the time.
+        per_expert = zip(
+            input.split(rows_per_expert),
+            output.split(rows_per_expert),
+            weight if is_transposed else weight.transpose(1, 2),  # (in, out) each
+            bias if bias is not None else [None] * weight.shape[0],
+        )
+        for expert_input, expert_output, expert_weight, expert_bias in per_expert:
+            if expert_input.shape[0] == 0:
+                continue
+            torch.mm(expert_input, expert_weight, out=expert_output)
+            if expert_bias is not None:
+                # In place on the view, while it is still in cache.
+                expert_output.add_(expert_bias)
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
         ctx.rows_per_expert = rows_per_expert
@@ -266,8 +281,8 @@ class _SortedExpertsLinear(torch.autograd.Function):
             grad_output.split(rows_per_expert),  # (rows, out) each
             weight.transpose(1, 2) if ctx.is_transposed else weight,  # (out, in) each
             grad_input.split(rows_per_expert) if grad_input is not None else [None] * num_experts,
-            _per_expert_or_none(grad_weight, num_experts),
-            _per_expert_or_none(grad_bias, num_experts),
+            grad_weight if grad_weight is not None else [None] * num_experts,
+            grad_bias if grad_bias is not None else [None] * num_experts,
         )
         for expert_input, expert_grad_output, expert_weight, expert_grad_input, expert_grad_weight, expert_grad_bias in per_expert:
             if expert_input.shape[0] == 0:
@@ -287,46 +302,6 @@ class _SortedExpertsLinear(torch.autograd.Function):
             if expert_grad_bias is not None:
                 torch.sum(expert_grad_output, dim=0, out=expert_grad_bias)
         return grad_input, grad_weight, grad_bias, None, None
-
-
-def _input_major(weight: torch.Tensor, is_transposed: bool) -> torch.Tensor:
-    """A stacked expert weight as (e, in, out), whichever way it is stored: the right operand of `rows @ weight`."""
-    return weight if is_transposed else weight.transpose(1, 2)
-
-
-def _per_expert_or_none(stacked: torch.Tensor | None, num_experts: int):
-    """What to zip over experts for an optional stacked tensor: its (e, ...) rows, or a None for each expert."""
-    return stacked if stacked is not None else [None] * num_experts
-
-
-def _sorted_linear(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows_per_expert: list[int],
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`out[rows of expert i] = input[rows of expert i] @ weight[i] + bias[i]`, without autograd.
-
-    Args:
-        input: (n, in) rows sorted by expert, `rows_per_expert[i]` of them for expert i.
-        weight: (e, in, out) (see `_input_major`). bias: (e, out) or None.
-        out: (n, out) to write into, or None for a new tensor.
-    """
-    if out is None:
-        out = input.new_empty(input.shape[0], weight.shape[2])
-    # Per-expert views, made in one call each rather than sliced expert by expert: at 128 experts the Python
-    # bookkeeping of the loop is otherwise a visible share of the time.
-    per_expert = zip(
-        input.split(rows_per_expert), out.split(rows_per_expert), weight, _per_expert_or_none(bias, weight.shape[0])
-    )
-    for expert_input, expert_output, expert_weight, expert_bias in per_expert:
-        if expert_input.shape[0] == 0:
-            continue
-        torch.mm(expert_input, expert_weight, out=expert_output)
-        if expert_bias is not None:
-            expert_output.add_(expert_bias)  # in place right after the product, while the slice is still in cache
-    return out
 
 
 def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -379,24 +354,15 @@ def sorted_mm_experts_forward(
     """
     top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
-    input_rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
-    expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, input_rows)  # (n, h)
+    expert_input = hidden_states.index_select(0, order // top_k if top_k > 1 else order)  # (n, h)
+    expert_output = sorted_experts_feed_forward(self, expert_input, rows_per_expert)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
 
-def sorted_experts_feed_forward(
-    self: nn.Module, expert_input: torch.Tensor, rows_per_expert: list[int], input_rows: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The experts' feed-forward networks on rows sorted by expert, ungated: -> (n, h).
+def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
+    """The experts' feed-forward networks on rows already sorted by expert, ungated: (n, h) -> (n, h).
 
-    The matrix-product part of "sorted_mm", before the combine back to row order. With autograd, each projection
-    runs for all experts in turn (`_SortedExpertsLinear`, which also computes the gradients); without it, groups of
-    experts run their whole networks in turn (`_feed_forward_in_groups`).
-
-    Args:
-        expert_input: (n, h) rows already sorted by expert, or, with `input_rows`, the rows to gather them from.
-        rows_per_expert: how many of the n sorted rows each expert has.
-        input_rows: (n,) which row of `expert_input` each sorted row is, or None.
+    The matrix-product part of "sorted_mm", between the gather by expert and the combine back to row order.
     """
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
@@ -404,14 +370,6 @@ def sorted_experts_feed_forward(
         up_weight, up_bias = self.up_proj, self.up_proj_bias if self.has_bias else None
     down_bias = self.down_proj_bias if self.has_bias else None
 
-    needs_grad = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in (expert_input, up_weight, up_bias, self.down_proj, down_bias)
-    )
-    if not needs_grad:
-        return _feed_forward_in_groups(self, expert_input, rows_per_expert, input_rows, up_weight, up_bias, down_bias)
-
-    if input_rows is not None:
-        expert_input = expert_input.index_select(0, input_rows)
     inner = _SortedExpertsLinear.apply(
         expert_input.to(up_weight.dtype), up_weight, up_bias, rows_per_expert, self.is_transposed
     )  # (n, intermediate), or (n, 2 * intermediate) when gated
@@ -422,49 +380,6 @@ def sorted_experts_feed_forward(
     if self.has_post_expert_norm:
         expert_output = self.post_expert_norm(expert_output)
     return expert_output
-
-
-# Inference runs the experts in groups whose inner activations take about this much memory (see below).
-INFERENCE_GROUP_BYTES = 4 * 2**20
-
-
-def _feed_forward_in_groups(self, expert_input, rows_per_expert, input_rows, up_weight, up_bias, down_bias) -> torch.Tensor:
-    """Inference form of `sorted_experts_feed_forward`: consecutive experts are taken in groups of about
-    `INFERENCE_GROUP_BYTES` of inner activations, and each group runs both projections before the next starts.
-
-    Run one projection at a time for all experts, the (n, intermediate) inner activations (25 MB at 4,096 tokens and
-    1,536) go to memory and back three times: product, activation, second product. A group's stay in cache. Groups
-    of several experts rather than one: per expert, the extra Python calls and the switching between the two weight
-    tensors cost more than they save once an expert has few rows (measured at 128 experts; docs/benchmarks.md).
-    """
-    num_experts = up_weight.shape[0]
-    up, down = _input_major(up_weight, self.is_transposed), _input_major(self.down_proj, self.is_transposed)
-    expert_input = expert_input.to(up.dtype)
-    rows_per_group = max(1, INFERENCE_GROUP_BYTES // (up.shape[2] * expert_input.element_size()))
-    output = expert_input.new_empty(sum(rows_per_expert), down.shape[2])
-    first_expert = first_row = group_rows = 0
-    for expert in range(num_experts):
-        group_rows += rows_per_expert[expert]
-        if group_rows < rows_per_group and expert < num_experts - 1:
-            continue
-        experts, rows = slice(first_expert, expert + 1), slice(first_row, first_row + group_rows)
-        # Gathered group by group, so that the group's input is still in cache for its first product.
-        group_input = expert_input[rows] if input_rows is None else expert_input.index_select(0, input_rows[rows])
-        inner = _sorted_linear(
-            group_input, up[experts], up_bias[experts] if up_bias is not None else None, rows_per_expert[experts]
-        )  # (group_rows, intermediate), or (group_rows, 2 * intermediate) when gated
-        inner = self._apply_gate(inner) if self.has_gate else self.act_fn(inner)
-        _sorted_linear(
-            inner,
-            down[experts],
-            down_bias[experts] if down_bias is not None else None,
-            rows_per_expert[experts],
-            out=output[rows],
-        )
-        first_expert, first_row, group_rows = expert + 1, first_row + group_rows, 0
-    if self.has_post_expert_norm:
-        output = self.post_expert_norm(output)
-    return output
 
 
 def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

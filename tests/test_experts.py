@@ -7,7 +7,6 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from switch_hf import SwitchForTokenReconstruction
-from switch_hf import modeling_switch
 from switch_hf.modeling_switch import SwitchSparseBlock, _SortedExpertsLinear
 
 from conftest import TINY_VOCAB, tiny_config
@@ -203,18 +202,11 @@ def other_moe_model(name):
     return model
 
 
-# Inference runs experts in groups of INFERENCE_GROUP_BYTES of inner activations: at the tests' tiny sizes the default
-# makes one group of all experts, a single byte makes one group per expert that has rows.
-GROUP_SIZES = pytest.mark.parametrize("group_bytes", [modeling_switch.INFERENCE_GROUP_BYTES, 1], ids=["one-group", "expert-groups"])
-
-
 @pytest.mark.parametrize("model_name", ["mixtral", "gpt-oss"])
 @pytest.mark.parametrize("with_autograd", [True, False], ids=["autograd", "inference"])
-@GROUP_SIZES
-def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_autograd, group_bytes, monkeypatch):
-    """Registered with transformers' experts interface, it runs any `@use_experts_implementation` experts. Without
-    autograd it takes its grouped inference path, which must compute the same function."""
-    monkeypatch.setattr(modeling_switch, "INFERENCE_GROUP_BYTES", group_bytes)
+def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_autograd):
+    """Registered with transformers' experts interface, it runs any `@use_experts_implementation` experts, with and
+    without autograd."""
     model = other_moe_model(model_name)
     input_ids = torch.randint(0, 64, (2, 7))
     outputs = {}
@@ -224,28 +216,6 @@ def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_au
             outputs[implementation] = model(input_ids).logits
     assert outputs["sorted_mm"].requires_grad == with_autograd
     torch.testing.assert_close(outputs["sorted_mm"], outputs["eager"], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [dict(num_experts=8, top_k=1, capacity_factor_eval=0.5), dict(num_experts=4, top_k=3, capacity_factor_eval=None)],
-    ids=["top1-dropping", "top3-dropless"],
-)
-@GROUP_SIZES
-def test_sorted_mm_inference_path_matches_its_autograd_path(overrides, group_bytes, monkeypatch):
-    """Under no_grad, `sorted_mm` runs groups of experts' whole networks in turn; with autograd, one projection at a
-    time for all experts. Same function, dropped tokens and padding included."""
-    monkeypatch.setattr(modeling_switch, "INFERENCE_GROUP_BYTES", group_bytes)
-    model = confident_model(**overrides).eval()
-    model.set_experts_implementation("sorted_mm")
-    input_ids = random_ids(3, 11)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 7:] = 0
-    with_autograd = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    with torch.no_grad():
-        inference = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    assert with_autograd.requires_grad and not inference.requires_grad
-    torch.testing.assert_close(inference, with_autograd.detach(), rtol=1e-5, atol=1e-5)
 
 
 # --- choosing the implementation ----------------------------------------------------------------------------------

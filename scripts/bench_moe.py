@@ -4,7 +4,10 @@ In one run, on the same inputs, for each number of experts this times, interleav
 
 - `dense`: Linear(h, ffn) -> GELU -> Linear(ffn, h), the FFN one token goes through;
 - `switch-hf/<implementation>`: the whole `SwitchSparseBlock` (router, capacity, experts) with each experts
-  implementation, top-1, dropless, so every token reaches its expert;
+  implementation, top-1, dropless, so every token reaches its expert. `sorted_mm` runs its forward without autograd
+  on switch_hf's fused kernel where it is registered; `switch-hf/sorted_mm, torch products` is the same block with the
+  kernel switched off (its forward+backward is sorted_mm's: the kernel computes no gradients);
+- `reference: expert networks`: the experts' networks alone, on tokens already sorted by expert;
 - `SwitchTransformersSparseMLP`: transformers' own Switch MoE, configured identically (same router and expert
   weights, capacity large enough to drop no token);
 - `stream`: reading every expert's weights once, which bounds any MoE from below when the experts outnumber the
@@ -51,7 +54,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     SwitchTransformersSparseMLP,
 )
 
-from switch_hf import SwitchConfig, SwitchForTokenReconstruction
+from switch_hf import SwitchConfig, SwitchForTokenReconstruction, expert_kernel, modeling_switch
 from switch_hf.memory import keep_freed_memory
 from switch_hf.modeling_switch import (
     LayerRouting,
@@ -75,8 +78,10 @@ TARGET_ATTENTION_FORWARD = 1.25  # issue #6: attention experts against one dense
 # `weight[expert]` for every expert, an O(e^2) backward (about 100 s a step at 128 experts on 2 cores), and
 # `batched_mm` gathers one weight matrix per token, (tokens, ffn, h) floats: 19 GB at 4,096 tokens.
 DEFAULT_IMPLEMENTATIONS = ("sorted_mm", "grouped_mm")
-# A reference row, not an MoE: see `expert_matmuls`.
-EXPERT_MATMULS = "reference: expert matmuls"
+# A reference row, not an MoE: see `expert_networks`.
+EXPERT_NETWORKS = "reference: expert networks"
+# sorted_mm with its inference path on torch's per-expert products instead of switch_hf's fused kernel.
+SORTED_MM_TORCH = "switch-hf/sorted_mm, torch products"
 
 
 def parse_args(argv=None):
@@ -260,13 +265,15 @@ class DenseFFN(nn.Module):
         return self.down(self.act(self.up(hidden_states)))
 
 
-def expert_matmuls(block: SwitchSparseBlock, inputs: torch.Tensor):
-    """forward() of the block's per-expert products and activation alone, on the tokens already sorted by expert.
+def expert_networks(block: SwitchSparseBlock, inputs: torch.Tensor):
+    """forward() of the block's expert networks alone (both products and the activation), on the tokens already
+    sorted by expert, as `sorted_mm` runs them: on switch_hf's fused kernel without autograd where it is registered,
+    else (and for the backward) one BLAS call per expert and product.
 
-    Routing, the gather of routed tokens and the unsorting of their outputs are left out, so this is what any
-    implementation that calls the BLAS once per expert pays at least: the gap from dense to this row is the matrix
-    products' own (smaller GEMMs, every expert's weights read), the gap from this row to `switch-hf/sorted_mm` is the
-    block's routing and data movement. Top-1 and dropless, so the output has one row per token, in expert order.
+    Routing, the gather of routed tokens and the unsorting of their outputs are left out: the gap from dense to this
+    row is the experts' own (smaller products, every expert's weights read), the gap from this row to
+    `switch-hf/sorted_mm` is the block's routing and data movement. Top-1 and dropless, so the output has one row per
+    token, in expert order.
     """
     experts = block.experts
     tokens = inputs.reshape(-1, inputs.shape[-1])
@@ -307,7 +314,18 @@ def contenders(args, num_experts: int, inputs: torch.Tensor):
             return block(inputs, token_mask)[0]
 
         found[f"switch-hf/{implementation}"] = (block, run_block, list(block.parameters()))
-    found[EXPERT_MATMULS] = (block.experts, expert_matmuls(block, inputs), list(block.experts.parameters()))
+        if implementation == "sorted_mm" and expert_kernel.is_registered():
+
+            def run_block_on_torch_products():
+                block.experts.config._experts_implementation = "sorted_mm"
+                modeling_switch.use_expert_kernel = False
+                try:
+                    return block(inputs, token_mask)[0]
+                finally:
+                    modeling_switch.use_expert_kernel = True
+
+            found[SORTED_MM_TORCH] = (block, run_block_on_torch_products, list(block.parameters()))
+    found[EXPERT_NETWORKS] = (block.experts, expert_networks(block, inputs), list(block.experts.parameters()))
     if not args.skip_transformers:
         twin = transformers_twin(args, block)
         found["SwitchTransformersSparseMLP"] = (twin, lambda: twin(inputs), list(twin.parameters()))
@@ -319,7 +337,7 @@ def check_same_function(found):
     outputs = {}
     with torch.no_grad():
         for name, (_, forward, _) in found.items():
-            if name not in ("dense", EXPERT_MATMULS):
+            if name not in ("dense", EXPERT_NETWORKS):
                 outputs[name] = forward()
     reference_name = next(iter(outputs))
     for name, output in outputs.items():
@@ -558,16 +576,17 @@ def targets(results: list[dict], end_to_end: dict | None, attention_results: lis
 
 def print_report(report: dict):
     header = (
-        f"{'experts':>7}  {'contender':<30} {'fwd ms':>8} {'/dense':>7} {'/floor':>7} {'ST/this':>7}   "
+        f"{'experts':>7}  {'contender':<36} {'fwd ms':>8} {'/dense':>7} {'/floor':>7} {'ST/this':>7}   "
         f"{'f+b ms':>8} {'/dense':>7} {'/floor':>7} {'ST/this':>7}   {'peak MB':>8} {'/dense':>7}"
     )
     print(f"\nthreads={report['threads']}  tokens={report['tokens']}  hidden={report['hidden']}  ffn={report['ffn']}  "
+          f"expert kernel: {'yes' if report['expert_kernel'] else 'no'}  "
           f"load average before/after: {report['load_average_before']} / {report['load_average_after']}")
     print(header)
     print("-" * len(header))
     for result in report["experts"]:
         for name, row in result["contenders"].items():
-            cells = [f"{result['num_experts']:>7}  {name:<30}"]
+            cells = [f"{result['num_experts']:>7}  {name:<36}"]
             for mode in ("forward", "forward_backward"):
                 m = row[mode]
                 speedup = m.get("transformers_over_this")
@@ -597,7 +616,7 @@ def print_report(report: dict):
         for result in report["attention_experts"]:
             for name, row in result["contenders"].items():
                 print(
-                    f"{result['num_experts']:>7}  {name:<30} fwd {row['forward']['median_ms']:8.1f} ms "
+                    f"{result['num_experts']:>7}  {name:<36} fwd {row['forward']['median_ms']:8.1f} ms "
                     f"{row['forward']['to_dense']:5.2f}x   fwd+bwd {row['forward_backward']['median_ms']:8.1f} ms "
                     f"{row['forward_backward']['to_dense']:5.2f}x"
                 )
@@ -623,6 +642,7 @@ def main(argv=None):
         "repeats": args.repeats,
         "warmup": args.warmup,
         "implementations": args.implementations,
+        "expert_kernel": expert_kernel.is_registered(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(),

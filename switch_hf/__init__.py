@@ -8,6 +8,7 @@ and the "token-reconstruction" pipeline with transformers' `PIPELINE_REGISTRY`.
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from . import expert_kernel
 from .configuration_switch import SwitchConfig
 from .modeling_switch import SwitchForTokenReconstruction, SwitchModel, SwitchPreTrainedModel
 from .pipeline_switch import TOKEN_RECONSTRUCTION_TASK, TokenReconstructionPipeline
@@ -15,6 +16,9 @@ from .seed_api import SwitchTransformer
 
 
 __version__ = "0.1.0"
+
+# The experts' fused CPU kernel: built once per machine (cached), used by sorted_mm without autograd where it applies.
+expert_kernel.load()
 
 AutoConfig.register(SwitchConfig.model_type, SwitchConfig)
 AutoModel.register(SwitchConfig, SwitchModel)

@@ -201,6 +201,10 @@ class SwitchExperts(nn.Module):
         # Expert dropout sits on the inner activations (Fedus et al., 2021, section 2.4). Folding it into `act_fn`
         # keeps it inside every experts implementation, which all call `act_fn` between the two projections.
         self.act_fn = nn.Sequential(ACT2FN[config.expert_hidden_act], nn.Dropout(config.expert_dropout))
+        self.dropout_probability = config.expert_dropout
+        # The activations switch_hf's fused kernel computes itself (`_expert_kernel_for`); ACT2FN's "gelu" is the
+        # exact GELU, as the kernel's.
+        self.kernel_activation = config.expert_hidden_act if config.expert_hidden_act in ("gelu", "relu") else None
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -340,7 +344,8 @@ def sorted_mm_experts_forward(
     runs over experts, never over rows, and experts without rows cost nothing; the one host sync is reading the
     per-expert row counts. Unlike transformers' `grouped_mm`, it needs no grouped-GEMM kernel (its CPU fallback
     zero-fills a whole weight gradient), adds each expert's bias on its slice instead of gathering a bias per row, and
-    runs the same on every torch version. `docs/benchmarks.md` compares the two.
+    runs the same on every torch version. Without autograd it runs on switch_hf's fused kernel where that applies
+    (`sorted_experts_feed_forward`). `docs/benchmarks.md` compares them all.
 
     Works with any experts module of transformers' layout (gated or not, with or without bias, transposed or not).
 
@@ -354,24 +359,46 @@ def sorted_mm_experts_forward(
     """
     top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
-    expert_input = hidden_states.index_select(0, order // top_k if top_k > 1 else order)  # (n, h)
-    expert_output = sorted_experts_feed_forward(self, expert_input, rows_per_expert)  # (n, h)
+    rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
+    expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, rows)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
 
-def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
-    """The experts' feed-forward networks on rows already sorted by expert, ungated: (n, h) -> (n, h).
+# Set to False to run the experts on torch's products even where switch_hf's fused kernel is registered (the
+# benchmark times both side by side).
+use_expert_kernel = True
 
-    The matrix-product part of "sorted_mm", between the gather by expert and the combine back to row order.
+
+def sorted_experts_feed_forward(
+    self: nn.Module, hidden_states: torch.Tensor, rows_per_expert: list[int], rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The experts' feed-forward networks on rows taken in expert order, ungated: (n, h).
+
+    The matrix-product part of "sorted_mm", between the grouping by expert and the combine back to row order.
+
+    Args:
+        hidden_states: (p, h).
+        rows_per_expert: how many of the n sorted rows each expert has, in expert order.
+        rows: (n,) the row of `hidden_states` at each sorted position; None when `hidden_states` is already sorted.
     """
+    kernel, activation = _expert_kernel_for(self, hidden_states)
+    if kernel is not None:
+        if rows is None:
+            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        up_bias, down_bias = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
+        return kernel(
+            hidden_states.contiguous(), rows, rows_per_expert, self.up_proj, up_bias, self.down_proj, down_bias, activation
+        )
+
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
     else:
         up_weight, up_bias = self.up_proj, self.up_proj_bias if self.has_bias else None
     down_bias = self.down_proj_bias if self.has_bias else None
 
+    expert_input = (hidden_states if rows is None else hidden_states.index_select(0, rows)).to(up_weight.dtype)
     inner = _SortedExpertsLinear.apply(
-        expert_input.to(up_weight.dtype), up_weight, up_bias, rows_per_expert, self.is_transposed
+        expert_input, up_weight, up_bias, rows_per_expert, self.is_transposed
     )  # (n, intermediate), or (n, 2 * intermediate) when gated
     inner = self._apply_gate(inner) if self.has_gate else self.act_fn(inner)  # (n, intermediate)
     expert_output = _SortedExpertsLinear.apply(
@@ -380,6 +407,30 @@ def sorted_experts_feed_forward(self: nn.Module, expert_input: torch.Tensor, row
     if self.has_post_expert_norm:
         expert_output = self.post_expert_norm(expert_output)
     return expert_output
+
+
+def _expert_kernel_for(experts: nn.Module, hidden_states: torch.Tensor):
+    """`(torch.ops.switch_hf.expert_feed_forward, activation)` where switch_hf's fused kernel can run these experts on
+    these rows, else `(None, None)`.
+
+    The `switch_hf` package builds and registers the kernel when imported, on CPUs with AVX-512 (`expert_kernel.py`).
+    It computes no gradients, and runs float32 [`SwitchExperts`] on the CPU with a GELU or ReLU activation and no
+    active expert dropout; everything else (a model loaded with `trust_remote_code` alone among them) runs on torch.
+    """
+    kernel = getattr(torch.ops.switch_hf, "expert_feed_forward", None) if use_expert_kernel else None
+    activation = getattr(experts, "kernel_activation", None)
+    if kernel is None or activation is None or experts.has_gate or experts.is_transposed:
+        return None, None
+    if experts.has_post_expert_norm or (experts.training and experts.dropout_probability > 0):
+        return None, None
+    tensors = [hidden_states, experts.up_proj, experts.down_proj]
+    if experts.has_bias:
+        tensors += [experts.up_proj_bias, experts.down_proj_bias]
+    if any(tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in tensors):
+        return None, None
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return None, None
+    return kernel, activation
 
 
 def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

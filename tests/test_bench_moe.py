@@ -7,6 +7,8 @@ import sys
 
 from conftest import REPO_ROOT
 
+from switch_hf import expert_kernel
+
 
 def test_benchmark_reports_every_contender_and_target(tmp_path):
     output = tmp_path / "bench.json"
@@ -22,11 +24,15 @@ def test_benchmark_reports_every_contender_and_target(tmp_path):
 
     report = json.loads(output.read_text())
     assert [r["num_experts"] for r in report["experts"]] == [4, 8]
+    assert report["expert_kernel"] == expert_kernel.is_registered()
+    expected = {
+        "dense", "switch-hf/sorted_mm", "switch-hf/grouped_mm", "SwitchTransformersSparseMLP",
+        "reference: expert networks",
+    }  # fmt: skip
+    if expert_kernel.is_registered():  # sorted_mm's inference path, side by side with and without the fused kernel
+        expected.add("switch-hf/sorted_mm, torch products")
     for result in report["experts"]:
-        assert set(result["contenders"]) == {
-            "dense", "switch-hf/sorted_mm", "switch-hf/grouped_mm", "SwitchTransformersSparseMLP",
-            "reference: expert matmuls",
-        }
+        assert set(result["contenders"]) == expected
         assert result["tokens_per_expert"]["mean"] == 64 / result["num_experts"]  # top-1, dropless
         for row in result["contenders"].values():
             assert row["forward"]["median_ms"] > 0 and row["forward_backward"]["median_ms"] > 0

@@ -30,6 +30,7 @@ import hub_server
 from conftest import BLOCK_SWITCH_HF, REPO_ROOT
 from hub_fixtures import SUBPROCESS_TIMEOUT_S, last_json_line
 from switch_hf import hub as switch_hub
+from switch_hf import modeling_switch
 
 
 def _load_push_script():
@@ -138,6 +139,16 @@ def directory_snapshot(directory: Path) -> dict[str, tuple[str, int]]:
         for path in sorted(directory.rglob("*"))
         if path.is_file()
     }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def experts_on_torch_products():
+    """Here, outputs are compared bit for bit with checkpoints pulled and run without switch_hf, hence without its
+    expert kernel: this process runs the experts on torch's products too. The kernel's agreement with them is tested
+    on its own (test_expert_kernel.py)."""
+    modeling_switch.use_expert_kernel = False
+    yield
+    modeling_switch.use_expert_kernel = True
 
 
 @pytest.fixture(scope="module")

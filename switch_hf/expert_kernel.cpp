@@ -1,0 +1,357 @@
+// switch_hf::expert_feed_forward: every expert's feed-forward network, h -> intermediate -> h, on the rows routed to
+// it, float32, AVX-512, without autograd. Built on first import of switch_hf by expert_kernel.py; `sorted_mm`
+// (modeling_switch.py) runs its inference path on it where it is registered, and on torch.mm elsewhere.
+//
+//   output[i] = down[e] @ act(up[e] @ input[rows[i]] + up_bias[e]) + down_bias[e]    for sorted position i of expert e
+//
+// Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
+// amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read
+// by that packing with no arithmetic to overlap; and the (rows, intermediate) activations go to memory and back
+// between the two products. Here each thread takes a tile of up to 128 rows of one expert and runs the whole network
+// on it: the rows are gathered and transposed into a cache-resident buffer, each product reads its weight as stored
+// while prefetching the next block of weight rows, the bias and the activation are applied to the first product's
+// results in registers, and the second product reads them from cache. docs/benchmarks.md has the measurements.
+//
+// Layout: the tile's rows lie along the vector lanes (16 rows of one feature per vector), "transposed": a product
+// keeps up to 4 row vectors x 6 weight rows of results in registers, needs one broadcast weight value per weight row
+// and step of k, and stores whole vectors of one output feature.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kRowsPerVector = 16;
+constexpr int kMaxVectors = 4;  // a register tile covers up to 64 rows
+constexpr int kWeightRows = 6;  // weight rows per register tile: 4 x 6 accumulators + 4 row vectors + 1 broadcast
+constexpr int64_t kTileRows = 128;  // rows per work item
+constexpr int64_t kMergedRestRows = 32;  // a work item has at most kTileRows + kMergedRestRows - 1 rows, whose
+                                         // buffers (1.5 MB at h 384, intermediate 1,536) fit in L2
+
+enum class Activation { kIdentity, kGelu, kRelu };
+
+Activation parse_activation(const std::string& name) {
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "relu") return Activation::kRelu;
+  TORCH_CHECK(name == "identity", "expert_feed_forward: activation must be one of 'gelu', 'relu', 'identity', got '",
+              name, "'");
+  return Activation::kIdentity;
+}
+
+// exp(y) for y <= 0: 2^n exp(r), n = round(y / ln 2), |r| <= ln 2 / 2, exp(r) by its Taylor series to degree 6
+// (relative error under 2e-7 there); ln 2 is split in two so that the reduction is exact (Cody and Waite).
+inline __m512 exp_nonpositive(__m512 y) {
+  y = _mm512_max_ps(y, _mm512_set1_ps(-88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 series = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
+  series = _mm512_fmadd_ps(series, r, _mm512_set1_ps(1.f / 24));
+  series = _mm512_fmadd_ps(series, r, _mm512_set1_ps(1.f / 6));
+  series = _mm512_fmadd_ps(series, r, _mm512_set1_ps(0.5f));
+  series = _mm512_fmadd_ps(series, r, _mm512_set1_ps(1.f));
+  series = _mm512_fmadd_ps(series, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(series, n);
+}
+
+// The exact GELU, x Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2, as torch's default GELU (not its tanh
+// approximation); erfc(z) for z >= 0 by Abramowitz and Stegun 7.1.26, absolute error under 1.5e-7.
+inline __m512 gelu(__m512 x) {
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));
+  __m512 series = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  series = _mm512_fmadd_ps(series, t, _mm512_set1_ps(1.421413741f));
+  series = _mm512_fmadd_ps(series, t, _mm512_set1_ps(-0.284496736f));
+  series = _mm512_fmadd_ps(series, t, _mm512_set1_ps(0.254829592f));
+  const __m512 minus_z_squared = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z));
+  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(series, t),
+                                         _mm512_mul_ps(exp_nonpositive(minus_z_squared), _mm512_set1_ps(0.5f)));
+  // Phi(x) = 1 - erfc(|x| / sqrt 2) / 2 for x >= 0, erfc(|x| / sqrt 2) / 2 for x < 0.
+  const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mul_ps(x, _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, half_erfc), half_erfc));
+}
+
+inline __m512 activate(Activation activation, __m512 x) {
+  switch (activation) {
+    case Activation::kGelu: return gelu(x);
+    case Activation::kRelu: return _mm512_max_ps(x, _mm512_setzero_ps());
+    default: return x;
+  }
+}
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= kRowsPerVector ? (__mmask16)0xFFFF : (count > 0 ? (__mmask16)((1u << count) - 1) : (__mmask16)0);
+}
+
+// One product in transposed form: out_t (N, m) = activation(weight (N, K) @ input_t (K, m) + bias[:, None]).
+// input_t and out_t have row stride `stride` (>= m); weight is contiguous.
+struct Product {
+  const float* input_t;
+  const float* weight;
+  const float* bias;  // (N,) or null
+  float* out_t;
+  int64_t stride, m, K, N;
+  Activation activation;
+};
+
+// out_t[n0 + j, m0 + r] for j < NB and r < rows, MV row vectors (the lanes beyond `rows` are masked). While it
+// multiplies, it prefetches `next_block` (the weight rows multiplied after these, or null) one cache line per row
+// every 16 steps of k: the pace at which it consumes its own.
+template <int MV, int NB>
+void register_tile(const Product& p, int64_t m0, int64_t rows, int64_t n0, const float* next_block, int next_rows) {
+  __mmask16 masks[MV];
+  for (int v = 0; v < MV; ++v) masks[v] = first_lanes(rows - kRowsPerVector * v);
+
+  __m512 acc[NB * MV];
+#pragma GCC unroll 64
+  for (int j = 0; j < NB; ++j) {
+    const __m512 start = _mm512_set1_ps(p.bias ? p.bias[n0 + j] : 0.f);
+#pragma GCC unroll 8
+    for (int v = 0; v < MV; ++v) acc[j * MV + v] = start;
+  }
+
+  // Local copies: the compiler then keeps them in registers across the loop instead of re-reading `p`.
+  const int64_t K = p.K, stride = p.stride;
+  const float* __restrict block = p.weight + n0 * K;
+  const float* __restrict input_t = p.input_t + m0;
+  for (int64_t k0 = 0; k0 < K; k0 += kRowsPerVector) {
+    for (int j = 0; j < next_rows; ++j) _mm_prefetch((const char*)(next_block + j * K + k0), _MM_HINT_T0);
+    const int64_t k_end = std::min<int64_t>(K, k0 + kRowsPerVector);
+#pragma GCC unroll 4
+    for (int64_t k = k0; k < k_end; ++k) {
+      const float* __restrict features_of_k = input_t + k * stride;
+      __m512 features[MV];
+#pragma GCC unroll 8
+      for (int v = 0; v < MV; ++v) features[v] = _mm512_maskz_loadu_ps(masks[v], features_of_k + kRowsPerVector * v);
+#pragma GCC unroll 64
+      for (int j = 0; j < NB; ++j) {
+        const __m512 w = _mm512_set1_ps(block[j * K + k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < MV; ++v) acc[j * MV + v] = _mm512_fmadd_ps(w, features[v], acc[j * MV + v]);
+      }
+    }
+  }
+
+#pragma GCC unroll 64
+  for (int j = 0; j < NB; ++j) {
+    float* out_row = p.out_t + (n0 + j) * p.stride + m0;
+#pragma GCC unroll 8
+    for (int v = 0; v < MV; ++v) {
+      _mm512_mask_storeu_ps(out_row + kRowsPerVector * v, masks[v], activate(p.activation, acc[j * MV + v]));
+    }
+  }
+}
+
+// As many row vectors as `rows` needs: an unused lane costs as much as a used one.
+template <int NB>
+void register_tile_for(const Product& p, int64_t m0, int64_t rows, int64_t n0, const float* next_block,
+                       int next_rows) {
+  switch ((rows + kRowsPerVector - 1) / kRowsPerVector) {
+    case 4: register_tile<4, NB>(p, m0, rows, n0, next_block, next_rows); break;
+    case 3: register_tile<3, NB>(p, m0, rows, n0, next_block, next_rows); break;
+    case 2: register_tile<2, NB>(p, m0, rows, n0, next_block, next_rows); break;
+    default: register_tile<1, NB>(p, m0, rows, n0, next_block, next_rows);
+  }
+}
+
+// The whole product on the calling thread: each block of weight rows against every row, so that the block stays in
+// L1 while all the row tiles use it and the weight is read from memory once.
+void multiply(const Product& p) {
+  constexpr int64_t tile_rows = kRowsPerVector * kMaxVectors;
+  for (int64_t n0 = 0; n0 < p.N; n0 += kWeightRows) {
+    if (n0 + kWeightRows > p.N) {  // the last few weight rows, when N is not a multiple of kWeightRows
+      for (int64_t n = n0; n < p.N; ++n) {
+        for (int64_t m0 = 0; m0 < p.m; m0 += tile_rows) {
+          register_tile_for<1>(p, m0, std::min(tile_rows, p.m - m0), n, nullptr, 0);
+        }
+      }
+      break;
+    }
+    const int next_rows = (int)std::clamp<int64_t>(p.N - n0 - kWeightRows, 0, kWeightRows);
+    for (int64_t m0 = 0; m0 < p.m; m0 += tile_rows) {
+      const bool prefetches = m0 == 0 && next_rows > 0;
+      register_tile_for<kWeightRows>(p, m0, std::min(tile_rows, p.m - m0), n0,
+                                     prefetches ? p.weight + (n0 + kWeightRows) * p.K : nullptr,
+                                     prefetches ? next_rows : 0);
+    }
+  }
+}
+
+// In-register transpose of a 16 x 16 block: block[i] holds row i on entry and column i on return.
+inline void transpose_16x16(__m512 block[16]) {
+  __m512 pairs[16], quads[16];
+  for (int i = 0; i < 8; ++i) {  // within each 128-bit lane: element pairs of rows 2i and 2i + 1
+    pairs[2 * i] = _mm512_unpacklo_ps(block[2 * i], block[2 * i + 1]);
+    pairs[2 * i + 1] = _mm512_unpackhi_ps(block[2 * i], block[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // within each 128-bit lane: one column of rows 4i..4i + 3
+    const __m512d a = _mm512_castps_pd(pairs[4 * i]), b = _mm512_castps_pd(pairs[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(pairs[4 * i + 2]), d = _mm512_castps_pd(pairs[4 * i + 3]);
+    quads[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    quads[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    quads[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    quads[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather the four 128-bit pieces of each column
+    const __m512 even01 = _mm512_shuffle_f32x4(quads[c], quads[4 + c], 0x88);
+    const __m512 odd01 = _mm512_shuffle_f32x4(quads[c], quads[4 + c], 0xdd);
+    const __m512 even23 = _mm512_shuffle_f32x4(quads[8 + c], quads[12 + c], 0x88);
+    const __m512 odd23 = _mm512_shuffle_f32x4(quads[8 + c], quads[12 + c], 0xdd);
+    block[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+    block[8 + c] = _mm512_shuffle_f32x4(even01, even23, 0xdd);
+    block[4 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+    block[12 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0xdd);
+  }
+}
+
+// columns (width, >= m), row stride `stride` <- the m rows input[row_index[i]] (width wide, contiguous).
+void gather_columns(const float* input, const int64_t* row_index, int64_t m, int64_t width, float* columns,
+                    int64_t stride) {
+  __m512 block[16];
+  for (int64_t r0 = 0; r0 < m; r0 += kRowsPerVector) {
+    const int64_t rows = std::min<int64_t>(kRowsPerVector, m - r0);
+    for (int64_t k0 = 0; k0 < width; k0 += kRowsPerVector) {
+      const __mmask16 valid = first_lanes(width - k0);
+      for (int i = 0; i < kRowsPerVector; ++i) {
+        block[i] = i < rows ? _mm512_maskz_loadu_ps(valid, input + row_index[r0 + i] * width + k0) : _mm512_setzero_ps();
+      }
+      transpose_16x16(block);
+      for (int j = 0; j < kRowsPerVector && k0 + j < width; ++j) {
+        _mm512_mask_storeu_ps(columns + (k0 + j) * stride + r0, first_lanes(rows), block[j]);
+      }
+    }
+  }
+}
+
+// rows (m, width), contiguous <- columns (width, >= m), row stride `stride`.
+void rows_from_columns(const float* columns, int64_t stride, int64_t m, int64_t width, float* rows_out) {
+  __m512 block[16];
+  for (int64_t r0 = 0; r0 < m; r0 += kRowsPerVector) {
+    const int64_t rows = std::min<int64_t>(kRowsPerVector, m - r0);
+    for (int64_t k0 = 0; k0 < width; k0 += kRowsPerVector) {
+      const int64_t features = std::min<int64_t>(kRowsPerVector, width - k0);
+      for (int j = 0; j < kRowsPerVector; ++j) {
+        block[j] = j < features ? _mm512_maskz_loadu_ps(first_lanes(rows), columns + (k0 + j) * stride + r0)
+                                : _mm512_setzero_ps();
+      }
+      transpose_16x16(block);
+      for (int i = 0; i < rows; ++i) {
+        _mm512_mask_storeu_ps(rows_out + (r0 + i) * width + k0, first_lanes(features), block[i]);
+      }
+    }
+  }
+}
+
+void check_float_cpu_contiguous(const at::Tensor& tensor, const char* name, int64_t dim) {
+  TORCH_CHECK(tensor.dim() == dim, "expert_feed_forward: ", name, " must be ", dim, "-D, got shape ", tensor.sizes());
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat, "expert_feed_forward: ", name, " must be float32, got ",
+              tensor.scalar_type());
+  TORCH_CHECK(tensor.device().is_cpu(), "expert_feed_forward: ", name, " must be on the CPU, got ", tensor.device());
+  TORCH_CHECK(tensor.is_contiguous(), "expert_feed_forward: ", name, " must be contiguous");
+}
+
+at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert,
+                               const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
+                               const std::optional<at::Tensor>& down_bias, const std::string& activation_name) {
+  check_float_cpu_contiguous(input, "input", 2);
+  check_float_cpu_contiguous(up, "up", 3);
+  check_float_cpu_contiguous(down, "down", 3);
+  const int64_t num_experts = up.size(0), intermediate = up.size(1), hidden = up.size(2);
+  TORCH_CHECK(input.size(1) == hidden, "expert_feed_forward: input must have ", hidden, " features (up is ",
+              up.sizes(), "), got ", input.sizes());
+  TORCH_CHECK(down.size(0) == num_experts && down.size(1) == hidden && down.size(2) == intermediate,
+              "expert_feed_forward: down must be (", num_experts, ", ", hidden, ", ", intermediate, "), got ",
+              down.sizes());
+  if (up_bias.has_value()) {
+    check_float_cpu_contiguous(*up_bias, "up_bias", 2);
+    TORCH_CHECK(up_bias->size(0) == num_experts && up_bias->size(1) == intermediate,
+                "expert_feed_forward: up_bias must be (", num_experts, ", ", intermediate, "), got ", up_bias->sizes());
+  }
+  if (down_bias.has_value()) {
+    check_float_cpu_contiguous(*down_bias, "down_bias", 2);
+    TORCH_CHECK(down_bias->size(0) == num_experts && down_bias->size(1) == hidden,
+                "expert_feed_forward: down_bias must be (", num_experts, ", ", hidden, "), got ", down_bias->sizes());
+  }
+  TORCH_CHECK((int64_t)rows_per_expert.size() == num_experts, "expert_feed_forward: rows_per_expert must have ",
+              num_experts, " entries, got ", rows_per_expert.size());
+  TORCH_CHECK(row_index.dim() == 1 && row_index.scalar_type() == at::kLong && row_index.is_contiguous(),
+              "expert_feed_forward: row_index must be a contiguous 1-D int64 tensor");
+  int64_t total_rows = 0;
+  for (const int64_t rows : rows_per_expert) {
+    TORCH_CHECK(rows >= 0, "expert_feed_forward: rows_per_expert must not be negative, got ", rows);
+    total_rows += rows;
+  }
+  TORCH_CHECK(row_index.size(0) == total_rows, "expert_feed_forward: row_index must have sum(rows_per_expert) = ",
+              total_rows, " entries, got ", row_index.size(0));
+  if (total_rows > 0) {
+    const auto [lowest, highest] = at::aminmax(row_index);
+    TORCH_CHECK(lowest.item<int64_t>() >= 0 && highest.item<int64_t>() < input.size(0),
+                "expert_feed_forward: row_index must lie in [0, ", input.size(0), ")");
+  }
+  const Activation activation = parse_activation(activation_name);
+
+  at::Tensor output = at::empty({total_rows, hidden}, input.options());
+  const float* input_data = input.data_ptr<float>();
+  const int64_t* row_index_data = row_index.data_ptr<int64_t>();
+  const float* up_data = up.data_ptr<float>();
+  const float* down_data = down.data_ptr<float>();
+  const float* up_bias_data = up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr;
+  const float* down_bias_data = down_bias.has_value() ? down_bias->data_ptr<float>() : nullptr;
+  float* output_data = output.data_ptr<float>();
+  std::vector<int64_t> first_position(num_experts + 1, 0);
+  for (int64_t expert = 0; expert < num_experts; ++expert) {
+    first_position[expert + 1] = first_position[expert] + rows_per_expert[expert];
+  }
+
+  // Each thread takes an equal share of the sorted rows, so that they all finish together however the experts are
+  // loaded, and runs it in tiles of one expert's rows: every product runs on one thread, on buffers that stay in its
+  // core's cache. Through at::parallel_for, on torch's own threads.
+  const int64_t num_shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total_rows / kTileRows));
+  at::parallel_for(0, num_shares, 1, [&](int64_t share_begin, int64_t share_end) {
+    constexpr int64_t max_rows = kTileRows + kMergedRestRows - 1;
+    std::vector<float> input_t(hidden * max_rows), inner_t(intermediate * max_rows), output_t(hidden * max_rows);
+    for (int64_t share = share_begin; share < share_end; ++share) {
+      const int64_t begin = total_rows * share / num_shares, end = total_rows * (share + 1) / num_shares;
+      for (int64_t expert = 0; expert < num_experts; ++expert) {
+        const int64_t expert_begin = std::max(begin, first_position[expert]);
+        const int64_t expert_end = std::min(end, first_position[expert + 1]);
+        // Tiles of kTileRows rows, two whole register tiles each; a rest under kMergedRestRows joins the last full
+        // tile rather than read the expert's weights once more for a few rows.
+        for (int64_t position = expert_begin; position < expert_end;) {
+          const int64_t remaining = expert_end - position;
+          const int64_t m = remaining < kTileRows + kMergedRestRows ? remaining : kTileRows;
+          gather_columns(input_data, row_index_data + position, m, hidden, input_t.data(), m);
+          multiply(Product{input_t.data(), up_data + expert * intermediate * hidden,
+                           up_bias_data ? up_bias_data + expert * intermediate : nullptr, inner_t.data(), m, m,
+                           hidden, intermediate, activation});
+          multiply(Product{inner_t.data(), down_data + expert * hidden * intermediate,
+                           down_bias_data ? down_bias_data + expert * hidden : nullptr, output_t.data(), m, m,
+                           intermediate, hidden, Activation::kIdentity});
+          rows_from_columns(output_t.data(), m, m, hidden, output_data + position * hidden);
+          position += m;
+        }
+      }
+    }
+  });
+  return output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(switch_hf, library) {
+  library.def(
+      "expert_feed_forward(Tensor input, Tensor row_index, int[] rows_per_expert, Tensor up, Tensor? up_bias, "
+      "Tensor down, Tensor? down_bias, str activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {
+  library.impl("expert_feed_forward", &expert_feed_forward);
+}

@@ -1,0 +1,78 @@
+"""The fused CPU kernel for the experts' feed-forward networks (`expert_kernel.cpp`), built on first import.
+
+`sorted_mm` runs each expert as two BLAS products. Without autograd, where this kernel is registered, it runs every
+expert's whole network in one call instead: per tile of an expert's rows, gather, both products, bias and activation,
+with the tile's activations kept in cache and the weights read as stored (no per-call packing). docs/benchmarks.md
+has the measurements.
+
+`load()` compiles it with the machine's C++ compiler through `torch.utils.cpp_extension` (about 10 s, once per
+machine and source: the build is cached under `~/.cache/torch_extensions`), which registers
+`torch.ops.switch_hf.expert_feed_forward`. `modeling_switch` looks the op up and falls back to torch's products where
+it is missing, for instance when a checkpoint is loaded with `trust_remote_code` alone. Set `SWITCH_HF_EXPERT_KERNEL=0`
+to never build or use it.
+"""
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("expert_kernel.cpp")
+ENVIRONMENT_SWITCH = "SWITCH_HF_EXPERT_KERNEL"
+
+
+def is_registered() -> bool:
+    return hasattr(torch.ops.switch_hf, "expert_feed_forward")
+
+
+def unavailable_reason() -> tuple[str, int] | None:
+    """Why the kernel is not built here, with the level to log it at (a choice or this CPU: info; else a warning)."""
+    if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
+        return f"{ENVIRONMENT_SWITCH}=0", logging.INFO
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        return f"the CPU lacks AVX-512 (torch reports {capability})", logging.INFO
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++, or $CXX) on PATH", logging.WARNING
+    return None
+
+
+def load() -> bool:
+    """Builds (once) and registers the kernel; True if `torch.ops.switch_hf.expert_feed_forward` is then available.
+
+    Never raises: where the kernel cannot be built, it logs why and `sorted_mm` keeps using torch's products.
+    """
+    if is_registered():
+        return True
+    reason = unavailable_reason()
+    if reason is None:
+        # torch's builder runs `ninja` from PATH; the `ninja` package installs it next to this Python.
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        from torch.utils.cpp_extension import load as build
+
+        logger.info("loading switch_hf's expert kernel (built once per machine, cached under ~/.cache/torch_extensions)")
+        try:
+            build(
+                name="switch_hf_expert_kernel",
+                sources=[str(SOURCE)],
+                # The AVX-512 subsets torch requires for its own AVX512 kernels, not -march=native: a cached build
+                # must run on any machine torch reports AVX512 on. -fopenmp compiles at::parallel_for's parallel
+                # region, which runs on torch's own OpenMP runtime (the same libgomp.so.1, already loaded).
+                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as error:  # a failed build must not stop the model: torch's products still work
+            reason = f"the build failed: {error}", logging.WARNING
+    if reason is not None:
+        message, level = reason
+        logger.log(level, "switch_hf's expert kernel is not used (%s); experts run on torch's matrix products", message)
+        return False
+    return is_registered()

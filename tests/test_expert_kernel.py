@@ -1,0 +1,199 @@
+"""switch_hf's fused expert kernel (`switch_hf/expert_kernel.cpp`): the same function as torch's products on every
+tiling edge, where `sorted_mm` runs on it and where it must not, its errors on bad input, and the fallback without it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+from switch_hf import SwitchForTokenReconstruction, expert_kernel, modeling_switch
+from switch_hf.modeling_switch import SwitchExperts, _expert_kernel_for
+
+from conftest import REPO_ROOT, TINY_VOCAB, tiny_config
+
+pytestmark = pytest.mark.skipif(
+    not expert_kernel.is_registered(), reason=f"the expert kernel is not built here: {expert_kernel.unavailable_reason()}"
+)
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "identity": lambda inner: inner}
+# Rows per expert around every edge of the kernel's tiling: empty experts, one row, a register tile (16 rows) and
+# its vectors (up to 64 rows), a work item (128 rows, or up to 159 when a short rest joins it) and beyond.
+ROWS_PER_EXPERT = [0, 1, 15, 16, 17, 63, 64, 65, 128, 129, 159, 160, 161, 300]
+
+
+def expert_weights(num_experts, hidden, intermediate, with_bias, generator):
+    def normal(*shape, std):
+        return torch.randn(*shape, generator=generator) * std
+
+    up, down = normal(num_experts, intermediate, hidden, std=hidden**-0.5), normal(
+        num_experts, hidden, intermediate, std=intermediate**-0.5
+    )
+    up_bias = normal(num_experts, intermediate, std=0.1) if with_bias else None
+    down_bias = normal(num_experts, hidden, std=0.1) if with_bias else None
+    return up, up_bias, down, down_bias
+
+
+def torch_feed_forward(input, rows, rows_per_expert, up, up_bias, down, down_bias, activation):
+    """The kernel's function, one expert at a time on torch's products."""
+    outputs = []
+    for expert, expert_rows in enumerate(rows.split(rows_per_expert)):
+        inner = F.linear(input[expert_rows], up[expert], None if up_bias is None else up_bias[expert])
+        inner = ACTIVATIONS[activation](inner)
+        outputs.append(F.linear(inner, down[expert], None if down_bias is None else down_bias[expert]))
+    return torch.cat(outputs)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("hidden, intermediate", [(384, 1536), (40, 70)], ids=["issue-shapes", "odd-shapes"])
+def test_kernel_matches_torch_products(threads, activation, with_bias, hidden, intermediate):
+    generator = torch.Generator().manual_seed(0)
+    up, up_bias, down, down_bias = expert_weights(len(ROWS_PER_EXPERT), hidden, intermediate, with_bias, generator)
+    input = torch.randn(700, hidden, generator=generator)
+    # Rows in any order, some read twice (top-k routing reads a token once per chosen expert).
+    rows = torch.randint(0, input.shape[0], (sum(ROWS_PER_EXPERT),), generator=generator)
+
+    output = torch.ops.switch_hf.expert_feed_forward(
+        input, rows, ROWS_PER_EXPERT, up, up_bias, down, down_bias, activation
+    )
+    expected = torch_feed_forward(input, rows, ROWS_PER_EXPERT, up, up_bias, down, down_bias, activation)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_gelu_is_the_exact_gelu_over_a_wide_range():
+    """With identity weights the network is the activation alone, so its accuracy is checked directly.
+
+    Absolute, not relative, agreement: torch's float32 GELU forms 1 + erf(x / sqrt 2), which for negative x cancels
+    to about 1e-7 absolute, so deep in the negative tail neither value is accurate relative to its tiny size.
+    """
+    width = 16
+    eye = torch.eye(width).unsqueeze(0)
+    input = torch.linspace(-12, 12, 4096 * width).reshape(-1, width)
+    output = torch.ops.switch_hf.expert_feed_forward(
+        input, torch.arange(input.shape[0]), [input.shape[0]], eye, None, eye, None, "gelu"
+    )
+    torch.testing.assert_close(output, F.gelu(input), rtol=0, atol=2e-6)
+
+
+def test_no_rows_gives_an_empty_output():
+    up, _, down, _ = expert_weights(3, 32, 48, False, torch.Generator().manual_seed(0))
+    output = torch.ops.switch_hf.expert_feed_forward(
+        torch.randn(5, 32), torch.empty(0, dtype=torch.long), [0, 0, 0], up, None, down, None, "gelu"
+    )
+    assert output.shape == (0, 32)
+
+
+# --- where sorted_mm runs on it -------------------------------------------------------------------------------------
+
+
+def kernel_calls(forward) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        forward()
+    return sum(event.count for event in profiler.key_averages() if event.key == "switch_hf::expert_feed_forward")
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_model_inference_runs_on_the_kernel_with_the_same_logits(top_k):
+    model = SwitchForTokenReconstruction(tiny_config(top_k=top_k, capacity_factor_eval=None)).eval()
+    input_ids = torch.randint(1, TINY_VOCAB, (3, 40))
+    with torch.no_grad():
+        assert kernel_calls(lambda: model(input_ids=input_ids)) == model.config.num_switch_layers
+        on_kernel = model(input_ids=input_ids).logits
+        modeling_switch.use_expert_kernel = False
+        try:
+            assert kernel_calls(lambda: model(input_ids=input_ids)) == 0
+            on_torch = model(input_ids=input_ids).logits
+        finally:
+            modeling_switch.use_expert_kernel = True
+    torch.testing.assert_close(on_kernel, on_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_is_not_used_where_it_cannot_run():
+    config = tiny_config(expert_dropout=0.1)
+    experts = SwitchExperts(config).eval()
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    rows = torch.randn(10, config.hidden_size)
+
+    with torch.no_grad():
+        assert _expert_kernel_for(experts, rows) == (torch.ops.switch_hf.expert_feed_forward, "gelu")
+        assert _expert_kernel_for(experts, rows.double())[0] is None  # float32 only
+        assert _expert_kernel_for(experts.train(), rows)[0] is None  # expert dropout active
+        experts.eval()
+    assert _expert_kernel_for(experts, rows)[0] is None  # gradients needed: the kernel computes none
+    assert _expert_kernel_for(experts, rows.requires_grad_())[0] is None
+    with torch.no_grad():
+        assert _expert_kernel_for(SwitchExperts(tiny_config(expert_hidden_act="silu")), rows)[0] is None
+        mixtral = MixtralExperts(MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4))
+        assert _expert_kernel_for(mixtral, rows)[0] is None  # gated experts
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(input=torch.randn(6, 16)), "input must have 32 features"),
+        (dict(input=torch.randn(6, 32).double()), "input must be float32"),
+        (dict(input=torch.randn(32, 6).t()), "input must be contiguous"),
+        (dict(down=torch.randn(3, 32, 40)), r"down must be \(3, 32, 48\)"),
+        (dict(up_bias=torch.randn(3, 32)), r"up_bias must be \(3, 48\)"),
+        (dict(rows_per_expert=[2, 2]), "rows_per_expert must have 3 entries"),
+        (dict(rows_per_expert=[2, 2, 1]), r"row_index must have sum\(rows_per_expert\) = 5 entries"),
+        (dict(rows_per_expert=[-1, 4, 3]), "rows_per_expert must not be negative"),
+        (dict(row_index=torch.tensor([0, 1, 2, 3, 4, 6])), r"row_index must lie in \[0, 6\)"),
+        (dict(row_index=torch.arange(6).int()), "row_index must be a contiguous 1-D int64 tensor"),
+        (dict(activation="silu"), "activation must be one of 'gelu', 'relu', 'identity', got 'silu'"),
+    ],
+)
+def test_kernel_rejects_bad_input_naming_the_argument(change, message):
+    up, up_bias, down, down_bias = expert_weights(3, 32, 48, True, torch.Generator().manual_seed(0))
+    arguments = dict(
+        input=torch.randn(6, 32), row_index=torch.arange(6), rows_per_expert=[2, 2, 2], up=up, up_bias=up_bias,
+        down=down, down_bias=down_bias, activation="gelu",
+    )  # fmt: skip
+    arguments.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.switch_hf.expert_feed_forward(*arguments.values())
+
+
+# --- without it -----------------------------------------------------------------------------------------------------
+
+
+def test_switched_off_the_kernel_is_not_built_and_models_run_on_torch_products():
+    code = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+import switch_hf
+from conftest import tiny_config
+assert not switch_hf.expert_kernel.is_registered()
+model = switch_hf.SwitchForTokenReconstruction(tiny_config()).eval()
+with torch.no_grad():
+    print(tuple(model(input_ids=torch.randint(1, 100, (2, 9))).logits.shape))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT / "tests",
+        env={**os.environ, expert_kernel.ENVIRONMENT_SWITCH: "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2, 9, 120)" in result.stdout
+    assert "expert kernel is not used (SWITCH_HF_EXPERT_KERNEL=0)" in result.stderr

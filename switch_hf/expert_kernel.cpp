@@ -4,6 +4,8 @@
 //
 //   output[i] = down[e] @ act(up[e] @ input[rows[i]] + up_bias[e]) + down_bias[e]    for sorted position i of expert e
 //
+// or, for top-1 routing, the combine as well: result[rows[i]] = gate[i] * output[i], in the input's row order.
+//
 // Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
 // amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read
 // by that packing with no arithmetic to overlap; and the (rows, intermediate) activations go to memory and back
@@ -231,8 +233,10 @@ void gather_columns(const float* input, const int64_t* row_index, int64_t m, int
   }
 }
 
-// rows (m, width), contiguous <- columns (width, >= m), row stride `stride`.
-void rows_from_columns(const float* columns, int64_t stride, int64_t m, int64_t width, float* rows_out) {
+// The m rows of a result <- columns (width, >= m), row stride `stride`. Row i goes to `rows_out + i * width`, or, with
+// `destination`, to `rows_out + destination[i] * width` scaled by `scale[i]`.
+void rows_from_columns(const float* columns, int64_t stride, int64_t m, int64_t width, float* rows_out,
+                       const int64_t* destination, const float* scale) {
   __m512 block[16];
   for (int64_t r0 = 0; r0 < m; r0 += kRowsPerVector) {
     const int64_t rows = std::min<int64_t>(kRowsPerVector, m - r0);
@@ -244,7 +248,9 @@ void rows_from_columns(const float* columns, int64_t stride, int64_t m, int64_t 
       }
       transpose_16x16(block);
       for (int i = 0; i < rows; ++i) {
-        _mm512_mask_storeu_ps(rows_out + (r0 + i) * width + k0, first_lanes(features), block[i]);
+        const int64_t row = destination ? destination[r0 + i] : r0 + i;
+        const __m512 values = destination ? _mm512_mul_ps(block[i], _mm512_set1_ps(scale[r0 + i])) : block[i];
+        _mm512_mask_storeu_ps(rows_out + row * width + k0, first_lanes(features), values);
       }
     }
   }
@@ -258,9 +264,13 @@ void check_float_cpu_contiguous(const at::Tensor& tensor, const char* name, int6
   TORCH_CHECK(tensor.is_contiguous(), "expert_feed_forward: ", name, " must be contiguous");
 }
 
+// Returns the n sorted rows' outputs (n, h); with `gate` (n,), instead the (t, h) result in input order: input row
+// row_index[i] gets gate[i] times its output, rows never routed get zero. Rows must then be distinct (top-1
+// routing: each row runs once), so that no two writes meet.
 at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert,
                                const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                               const std::optional<at::Tensor>& down_bias, const std::string& activation_name) {
+                               const std::optional<at::Tensor>& down_bias, const std::string& activation_name,
+                               const std::optional<at::Tensor>& gate) {
   check_float_cpu_contiguous(input, "input", 2);
   check_float_cpu_contiguous(up, "up", 3);
   check_float_cpu_contiguous(down, "down", 3);
@@ -297,10 +307,24 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
                 "expert_feed_forward: row_index must lie in [0, ", input.size(0), ")");
   }
   const Activation activation = parse_activation(activation_name);
-
-  at::Tensor output = at::empty({total_rows, hidden}, input.options());
-  const float* input_data = input.data_ptr<float>();
   const int64_t* row_index_data = row_index.data_ptr<int64_t>();
+  if (gate.has_value()) {
+    check_float_cpu_contiguous(*gate, "gate", 1);
+    TORCH_CHECK(gate->size(0) == total_rows, "expert_feed_forward: gate must have ", total_rows, " entries (one per row),",
+                " got ", gate->size(0));
+    std::vector<bool> routed(input.size(0), false);
+    for (int64_t i = 0; i < total_rows; ++i) {
+      TORCH_CHECK(!routed[row_index_data[i]], "expert_feed_forward: with gate, row_index must not repeat a row (row ",
+                  row_index_data[i], " appears twice); gate and sum top-k choices outside");
+      routed[row_index_data[i]] = true;
+    }
+  }
+
+  at::Tensor output = !gate.has_value()              ? at::empty({total_rows, hidden}, input.options())
+                      : total_rows == input.size(0) ? at::empty_like(input)  // every row written once
+                                                    : at::zeros_like(input);
+  const float* input_data = input.data_ptr<float>();
+  const float* gate_data = gate.has_value() ? gate->data_ptr<float>() : nullptr;
   const float* up_data = up.data_ptr<float>();
   const float* down_data = down.data_ptr<float>();
   const float* up_bias_data = up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr;
@@ -335,7 +359,11 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
           multiply(Product{inner_t.data(), down_data + expert * hidden * intermediate,
                            down_bias_data ? down_bias_data + expert * hidden : nullptr, output_t.data(), m, m,
                            intermediate, hidden, Activation::kIdentity});
-          rows_from_columns(output_t.data(), m, m, hidden, output_data + position * hidden);
+          if (gate_data) {
+            rows_from_columns(output_t.data(), m, m, hidden, output_data, row_index_data + position, gate_data + position);
+          } else {
+            rows_from_columns(output_t.data(), m, m, hidden, output_data + position * hidden, nullptr, nullptr);
+          }
           position += m;
         }
       }
@@ -349,7 +377,7 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
 TORCH_LIBRARY(switch_hf, library) {
   library.def(
       "expert_feed_forward(Tensor input, Tensor row_index, int[] rows_per_expert, Tensor up, Tensor? up_bias, "
-      "Tensor down, Tensor? down_bias, str activation) -> Tensor");
+      "Tensor down, Tensor? down_bias, str activation, Tensor? gate=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {

@@ -74,6 +74,27 @@ def test_kernel_matches_torch_products(threads, activation, with_bias, hidden, i
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("routed", [700, 650], ids=["every-row", "some-rows-dropped"])
+def test_kernel_gates_and_writes_back_in_row_order_for_top_1(threads, routed):
+    generator = torch.Generator().manual_seed(0)
+    hidden, intermediate = 40, 70
+    up, up_bias, down, down_bias = expert_weights(len(ROWS_PER_EXPERT), hidden, intermediate, True, generator)
+    input = torch.randn(700, hidden, generator=generator)
+    rows_per_expert = [rows * routed // sum(ROWS_PER_EXPERT) for rows in ROWS_PER_EXPERT]
+    rows_per_expert[-1] += routed - sum(rows_per_expert)
+    rows = torch.randperm(input.shape[0], generator=generator)[:routed]  # top-1: each row at most once
+    gate = torch.rand(routed, generator=generator)
+
+    output = torch.ops.switch_hf.expert_feed_forward(
+        input, rows, rows_per_expert, up, up_bias, down, down_bias, "gelu", gate
+    )
+    expected = torch.zeros_like(input)  # rows never routed (dropped) stay zero
+    expected[rows] = gate[:, None] * torch_feed_forward(
+        input, rows, rows_per_expert, up, up_bias, down, down_bias, "gelu"
+    )
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_gelu_is_the_exact_gelu_over_a_wide_range():
     """With identity weights the network is the activation alone, so its accuracy is checked directly.
 
@@ -159,13 +180,15 @@ def test_kernel_is_not_used_where_it_cannot_run():
         (dict(row_index=torch.tensor([0, 1, 2, 3, 4, 6])), r"row_index must lie in \[0, 6\)"),
         (dict(row_index=torch.arange(6).int()), "row_index must be a contiguous 1-D int64 tensor"),
         (dict(activation="silu"), "activation must be one of 'gelu', 'relu', 'identity', got 'silu'"),
+        (dict(gate=torch.rand(5)), r"gate must have 6 entries \(one per row\)"),
+        (dict(gate=torch.rand(6), row_index=torch.tensor([0, 1, 2, 3, 4, 4])), "row_index must not repeat a row"),
     ],
 )
 def test_kernel_rejects_bad_input_naming_the_argument(change, message):
     up, up_bias, down, down_bias = expert_weights(3, 32, 48, True, torch.Generator().manual_seed(0))
     arguments = dict(
         input=torch.randn(6, 32), row_index=torch.arange(6), rows_per_expert=[2, 2, 2], up=up, up_bias=up_bias,
-        down=down, down_bias=down_bias, activation="gelu",
+        down=down, down_bias=down_bias, activation="gelu", gate=None,
     )  # fmt: skip
     arguments.update(change)
     with pytest.raises(RuntimeError, match=message):

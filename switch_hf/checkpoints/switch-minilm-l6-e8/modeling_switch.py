@@ -360,6 +360,9 @@ def sorted_mm_experts_forward(
     top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
     rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
+    if top_k == 1 and _expert_kernel_for(self, hidden_states)[0] is not None:
+        # Each row runs at most once, so the kernel also gates each output and writes it back to its row: the combine.
+        return _run_expert_kernel(self, hidden_states, rows, rows_per_expert, gate=top_k_weights.reshape(-1)[order])
     expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, rows)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
@@ -381,14 +384,10 @@ def sorted_experts_feed_forward(
         rows_per_expert: how many of the n sorted rows each expert has, in expert order.
         rows: (n,) the row of `hidden_states` at each sorted position; None when `hidden_states` is already sorted.
     """
-    kernel, activation = _expert_kernel_for(self, hidden_states)
-    if kernel is not None:
+    if _expert_kernel_for(self, hidden_states)[0] is not None:
         if rows is None:
             rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-        up_bias, down_bias = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
-        return kernel(
-            hidden_states.contiguous(), rows, rows_per_expert, self.up_proj, up_bias, self.down_proj, down_bias, activation
-        )
+        return _run_expert_kernel(self, hidden_states, rows, rows_per_expert)
 
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
@@ -407,6 +406,20 @@ def sorted_experts_feed_forward(
     if self.has_post_expert_norm:
         expert_output = self.post_expert_norm(expert_output)
     return expert_output
+
+
+def _run_expert_kernel(
+    experts: nn.Module, hidden_states: torch.Tensor, rows: torch.Tensor, rows_per_expert: list[int], gate=None
+) -> torch.Tensor:
+    """The experts' networks on switch_hf's fused kernel (where `_expert_kernel_for` allows it): the (n, h) outputs
+    of `hidden_states[rows]` in that order; with `gate` (n,), rows distinct, the gated outputs back in row order,
+    (p, h), zero for rows not in `rows`."""
+    kernel, activation = _expert_kernel_for(experts, hidden_states)
+    up_bias, down_bias = (experts.up_proj_bias, experts.down_proj_bias) if experts.has_bias else (None, None)
+    return kernel(
+        hidden_states.contiguous(), rows, rows_per_expert, experts.up_proj, up_bias, experts.down_proj, down_bias,
+        activation, gate,
+    )  # fmt: skip
 
 
 def _expert_kernel_for(experts: nn.Module, hidden_states: torch.Tensor):

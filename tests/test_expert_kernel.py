@@ -151,16 +151,16 @@ def test_kernel_is_not_used_where_it_cannot_run():
     rows = torch.randn(10, config.hidden_size)
 
     with torch.no_grad():
-        assert _expert_kernel_for(experts, rows) == (torch.ops.switch_hf.expert_feed_forward, "gelu")
-        assert _expert_kernel_for(experts, rows.double())[0] is None  # float32 only
-        assert _expert_kernel_for(experts.train(), rows)[0] is None  # expert dropout active
+        assert _expert_kernel_for(experts, rows) is torch.ops.switch_hf.expert_feed_forward
+        assert _expert_kernel_for(experts, rows.double()) is None  # float32 only
+        assert _expert_kernel_for(experts.train(), rows) is None  # expert dropout active
         experts.eval()
-    assert _expert_kernel_for(experts, rows)[0] is None  # gradients needed: the kernel computes none
-    assert _expert_kernel_for(experts, rows.requires_grad_())[0] is None
+    assert _expert_kernel_for(experts, rows) is None  # gradients needed: the kernel computes none
+    assert _expert_kernel_for(experts, rows.requires_grad_()) is None
     with torch.no_grad():
-        assert _expert_kernel_for(SwitchExperts(tiny_config(expert_hidden_act="silu")), rows)[0] is None
+        assert _expert_kernel_for(SwitchExperts(tiny_config(expert_hidden_act="silu")), rows) is None
         mixtral = MixtralExperts(MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4))
-        assert _expert_kernel_for(mixtral, rows)[0] is None  # gated experts
+        assert _expert_kernel_for(mixtral, rows) is None  # gated experts
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

@@ -360,9 +360,11 @@ def sorted_mm_experts_forward(
     top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
     rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
-    if top_k == 1 and _expert_kernel_for(self, hidden_states)[0] is not None:
+    kernel = _expert_kernel_for(self, hidden_states)
+    if kernel is not None and top_k == 1:
         # Each row runs at most once, so the kernel also gates each output and writes it back to its row: the combine.
-        return _run_expert_kernel(self, hidden_states, rows, rows_per_expert, gate=top_k_weights.reshape(-1)[order])
+        gate = top_k_weights.reshape(-1)[order].float()
+        return _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert, gate).to(hidden_states.dtype)
     expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, rows)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
@@ -384,10 +386,11 @@ def sorted_experts_feed_forward(
         rows_per_expert: how many of the n sorted rows each expert has, in expert order.
         rows: (n,) the row of `hidden_states` at each sorted position; None when `hidden_states` is already sorted.
     """
-    if _expert_kernel_for(self, hidden_states)[0] is not None:
+    kernel = _expert_kernel_for(self, hidden_states)
+    if kernel is not None:
         if rows is None:
             rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-        return _run_expert_kernel(self, hidden_states, rows, rows_per_expert)
+        return _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert)
 
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
@@ -409,41 +412,39 @@ def sorted_experts_feed_forward(
 
 
 def _run_expert_kernel(
-    experts: nn.Module, hidden_states: torch.Tensor, rows: torch.Tensor, rows_per_expert: list[int], gate=None
+    kernel, experts: nn.Module, hidden_states: torch.Tensor, rows: torch.Tensor, rows_per_expert: list[int], gate=None
 ) -> torch.Tensor:
-    """The experts' networks on switch_hf's fused kernel (where `_expert_kernel_for` allows it): the (n, h) outputs
-    of `hidden_states[rows]` in that order; with `gate` (n,), rows distinct, the gated outputs back in row order,
-    (p, h), zero for rows not in `rows`."""
-    kernel, activation = _expert_kernel_for(experts, hidden_states)
+    """The experts' networks on switch_hf's fused kernel: the (n, h) outputs of `hidden_states[rows]` in that order;
+    with `gate` (n,) and distinct rows, the gated outputs back in row order, (p, h), zero for rows not in `rows`."""
     up_bias, down_bias = (experts.up_proj_bias, experts.down_proj_bias) if experts.has_bias else (None, None)
-    return kernel(
-        hidden_states.contiguous(), rows, rows_per_expert, experts.up_proj, up_bias, experts.down_proj, down_bias,
-        activation, gate,
-    )  # fmt: skip
+    weights = (experts.up_proj, up_bias, experts.down_proj, down_bias)
+    return kernel(hidden_states.contiguous(), rows, rows_per_expert, *weights, experts.kernel_activation, gate)
 
 
 def _expert_kernel_for(experts: nn.Module, hidden_states: torch.Tensor):
-    """`(torch.ops.switch_hf.expert_feed_forward, activation)` where switch_hf's fused kernel can run these experts on
-    these rows, else `(None, None)`.
+    """`torch.ops.switch_hf.expert_feed_forward` where switch_hf's fused kernel can run these experts on these rows,
+    else None.
 
     The `switch_hf` package builds and registers the kernel when imported, on CPUs with AVX-512 (`expert_kernel.py`).
-    It computes no gradients, and runs float32 [`SwitchExperts`] on the CPU with a GELU or ReLU activation and no
-    active expert dropout; everything else (a model loaded with `trust_remote_code` alone among them) runs on torch.
+    It computes no gradients, and runs float32 [`SwitchExperts`] on the CPU with a GELU or ReLU activation
+    (`kernel_activation`) and no active expert dropout; everything else (a model loaded with `trust_remote_code`
+    alone among them) runs on torch.
     """
     kernel = getattr(torch.ops.switch_hf, "expert_feed_forward", None) if use_expert_kernel else None
-    activation = getattr(experts, "kernel_activation", None)
-    if kernel is None or activation is None or experts.has_gate or experts.is_transposed:
-        return None, None
-    if experts.has_post_expert_norm or (experts.training and experts.dropout_probability > 0):
-        return None, None
+    if kernel is None or getattr(experts, "kernel_activation", None) is None:
+        return None
+    if experts.has_gate or experts.is_transposed or experts.has_post_expert_norm:
+        return None
+    if experts.training and experts.dropout_probability > 0:
+        return None
     tensors = [hidden_states, experts.up_proj, experts.down_proj]
     if experts.has_bias:
         tensors += [experts.up_proj_bias, experts.down_proj_bias]
     if any(tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in tensors):
-        return None, None
+        return None
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        return None, None
-    return kernel, activation
+        return None
+    return kernel
 
 
 def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

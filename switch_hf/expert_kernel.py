@@ -54,7 +54,15 @@ def load() -> bool:
     if reason is None:
         # torch's builder runs `ninja` from PATH; the `ninja` package installs it next to this Python.
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        from torch.utils.cpp_extension import load as build
+        # Importing the builder warns "No CUDA runtime is found" where a CUDA toolkit is installed without a GPU:
+        # irrelevant to a CPU kernel, so it is kept out of every import of switch_hf.
+        builder_logger = logging.getLogger("torch.utils.cpp_extension")
+        level = builder_logger.level
+        builder_logger.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load as build
+        finally:
+            builder_logger.setLevel(level)
 
         logger.info("loading switch_hf's expert kernel (built once per machine, cached under ~/.cache/torch_extensions)")
         try:

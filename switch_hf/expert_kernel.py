@@ -52,31 +52,9 @@ def load() -> bool:
         return True
     reason = unavailable_reason()
     if reason is None:
-        # torch's builder runs `ninja` from PATH; the `ninja` package installs it next to this Python.
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        # Importing the builder warns "No CUDA runtime is found" where a CUDA toolkit is installed without a GPU:
-        # irrelevant to a CPU kernel, so it is kept out of every import of switch_hf.
-        builder_logger = logging.getLogger("torch.utils.cpp_extension")
-        level = builder_logger.level
-        builder_logger.setLevel(logging.ERROR)
-        try:
-            from torch.utils.cpp_extension import load as build
-        finally:
-            builder_logger.setLevel(level)
-
         logger.info("loading switch_hf's expert kernel (built once per machine, cached under ~/.cache/torch_extensions)")
         try:
-            build(
-                name="switch_hf_expert_kernel",
-                sources=[str(SOURCE)],
-                # The AVX-512 subsets torch requires for its own AVX512 kernels, not -march=native: a cached build
-                # must run on any machine torch reports AVX512 on. -fopenmp compiles at::parallel_for's parallel
-                # region, which runs on torch's own OpenMP runtime (the same libgomp.so.1, already loaded).
-                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
+            _build()
         except Exception as error:  # a failed build must not stop the model: torch's products still work
             reason = f"the build failed: {error}", logging.WARNING
     if reason is not None:
@@ -84,3 +62,34 @@ def load() -> bool:
         logger.log(level, "switch_hf's expert kernel is not used (%s); experts run on torch's matrix products", message)
         return False
     return is_registered()
+
+
+def _build():
+    # Importing the builder warns "No CUDA runtime is found" where a CUDA toolkit is installed without a GPU:
+    # irrelevant to a CPU kernel, so it is kept out of every import of switch_hf.
+    builder_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_logger.level
+    builder_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load as build
+    finally:
+        builder_logger.setLevel(level)
+
+    # torch's builder runs `ninja` from PATH; the `ninja` package installs it next to this Python, which may not be
+    # on PATH when the virtual environment is not activated.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        build(
+            name="switch_hf_expert_kernel",
+            sources=[str(SOURCE)],
+            # The AVX-512 subsets torch requires for its own AVX512 kernels, not -march=native: a cached build must
+            # run on any machine torch reports AVX512 on. -fopenmp compiles at::parallel_for's parallel region, which
+            # runs on torch's own OpenMP runtime (the same libgomp.so.1, already loaded).
+            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = path

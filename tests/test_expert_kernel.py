@@ -158,6 +158,10 @@ def test_kernel_is_not_used_where_it_cannot_run():
     assert _expert_kernel_for(experts, rows) is None  # gradients needed: the kernel computes none
     assert _expert_kernel_for(experts, rows.requires_grad_()) is None
     with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _expert_kernel_for(experts, rows) is None  # autocast's precision, not the kernel's float32
+        experts.up_proj = torch.nn.Parameter(experts.up_proj.transpose(1, 2).contiguous().transpose(1, 2))
+        assert _expert_kernel_for(experts, rows) is None  # weights not laid out as the kernel reads them
         assert _expert_kernel_for(SwitchExperts(tiny_config(expert_hidden_act="silu")), rows) is None
         mixtral = MixtralExperts(MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4))
         assert _expert_kernel_for(mixtral, rows) is None  # gated experts

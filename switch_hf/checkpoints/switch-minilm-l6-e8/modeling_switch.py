@@ -426,9 +426,9 @@ def _expert_kernel_for(experts: nn.Module, hidden_states: torch.Tensor):
     else None.
 
     The `switch_hf` package builds and registers the kernel when imported, on CPUs with AVX-512 (`expert_kernel.py`).
-    It computes no gradients, and runs float32 [`SwitchExperts`] on the CPU with a GELU or ReLU activation
-    (`kernel_activation`) and no active expert dropout; everything else (a model loaded with `trust_remote_code`
-    alone among them) runs on torch.
+    It computes no gradients, and runs float32 [`SwitchExperts`] on the CPU, outside autocast, with a GELU or ReLU
+    activation (`kernel_activation`), no active expert dropout and contiguous plain-tensor weights; everything else
+    (a model loaded with `trust_remote_code` alone among them) runs on torch.
     """
     kernel = getattr(torch.ops.switch_hf, "expert_feed_forward", None) if use_expert_kernel else None
     if kernel is None or getattr(experts, "kernel_activation", None) is None:
@@ -437,10 +437,19 @@ def _expert_kernel_for(experts: nn.Module, hidden_states: torch.Tensor):
         return None
     if experts.training and experts.dropout_probability > 0:
         return None
-    tensors = [hidden_states, experts.up_proj, experts.down_proj]
+    # Autocast would run the products in its lower precision; the kernel computes in float32 only.
+    if torch.is_autocast_enabled("cpu"):
+        return None
+    weights = [experts.up_proj, experts.down_proj]
     if experts.has_bias:
-        tensors += [experts.up_proj_bias, experts.down_proj_bias]
+        weights += [experts.up_proj_bias, experts.down_proj_bias]
+    tensors = [hidden_states, *weights]
     if any(tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in tensors):
+        return None
+    # Plain tensors only (not DTensor shards nor other subclasses), with the weights laid out as the kernel reads them.
+    if any(type(tensor) not in (torch.Tensor, nn.Parameter) for tensor in tensors):
+        return None
+    if not all(weight.is_contiguous() for weight in weights):
         return None
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
         return None

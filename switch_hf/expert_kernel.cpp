@@ -9,10 +9,11 @@
 // Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
 // amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read
 // by that packing with no arithmetic to overlap; and the (rows, intermediate) activations go to memory and back
-// between the two products. Here each thread takes a tile of up to 128 rows of one expert and runs the whole network
-// on it: the rows are gathered and transposed into a cache-resident buffer, each product reads its weight as stored
-// while prefetching the next block of weight rows, the bias and the activation are applied to the first product's
-// results in registers, and the second product reads them from cache. docs/benchmarks.md has the measurements.
+// between the two products. Here each thread takes tiles of 128 rows of one expert (a short rest joins the last one)
+// and runs the whole network on each: the rows are gathered and transposed into a cache-resident buffer, each product
+// reads its weight as stored while prefetching the next block of weight rows, the bias and the activation are applied
+// to the first product's results in registers, and the second product reads them from cache. docs/benchmarks.md has
+// the measurements.
 //
 // Layout: the tile's rows lie along the vector lanes (16 rows of one feature per vector), "transposed": a product
 // keeps up to 4 row vectors x 6 weight rows of results in registers, needs one broadcast weight value per weight row
@@ -223,7 +224,8 @@ void gather_columns(const float* input, const int64_t* row_index, int64_t m, int
     for (int64_t k0 = 0; k0 < width; k0 += kRowsPerVector) {
       const __mmask16 valid = first_lanes(width - k0);
       for (int i = 0; i < kRowsPerVector; ++i) {
-        block[i] = i < rows ? _mm512_maskz_loadu_ps(valid, input + row_index[r0 + i] * width + k0) : _mm512_setzero_ps();
+        block[i] = i < rows ? _mm512_maskz_loadu_ps(valid, input + row_index[r0 + i] * width + k0)
+                            : _mm512_setzero_ps();
       }
       transpose_16x16(block);
       for (int j = 0; j < kRowsPerVector && k0 + j < width; ++j) {
@@ -310,8 +312,8 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
   const int64_t* row_index_data = row_index.data_ptr<int64_t>();
   if (gate.has_value()) {
     check_float_cpu_contiguous(*gate, "gate", 1);
-    TORCH_CHECK(gate->size(0) == total_rows, "expert_feed_forward: gate must have ", total_rows, " entries (one per row),",
-                " got ", gate->size(0));
+    TORCH_CHECK(gate->size(0) == total_rows, "expert_feed_forward: gate must have ", total_rows,
+                " entries (one per row), got ", gate->size(0));
     std::vector<bool> routed(input.size(0), false);
     for (int64_t i = 0; i < total_rows; ++i) {
       TORCH_CHECK(!routed[row_index_data[i]], "expert_feed_forward: with gate, row_index must not repeat a row (row ",
@@ -360,7 +362,8 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
                            down_bias_data ? down_bias_data + expert * hidden : nullptr, output_t.data(), m, m,
                            intermediate, hidden, Activation::kIdentity});
           if (gate_data) {
-            rows_from_columns(output_t.data(), m, m, hidden, output_data, row_index_data + position, gate_data + position);
+            rows_from_columns(output_t.data(), m, m, hidden, output_data, row_index_data + position,
+                              gate_data + position);
           } else {
             rows_from_columns(output_t.data(), m, m, hidden, output_data + position * hidden, nullptr, nullptr);
           }

@@ -52,7 +52,7 @@ def load() -> bool:
         return True
     reason = unavailable_reason()
     if reason is None:
-        logger.info("loading switch_hf's expert kernel (built once per machine, cached under ~/.cache/torch_extensions)")
+        logger.info("loading switch_hf's expert kernel (built once per machine, cached in ~/.cache/torch_extensions)")
         try:
             _build()
         except Exception as error:  # a failed build must not stop the model: torch's products still work

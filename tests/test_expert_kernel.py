@@ -1,5 +1,6 @@
 """switch_hf's fused expert kernel (`switch_hf/expert_kernel.cpp`): the same function as torch's products on every
-tiling edge, where `sorted_mm` runs on it and where it must not, its errors on bad input, and the fallback without it."""
+tiling edge, where `sorted_mm` runs on it and where it must not, its errors on bad input, and the fallback without
+it."""
 
 import os
 import subprocess
@@ -18,7 +19,8 @@ from switch_hf.modeling_switch import SwitchExperts, _expert_kernel_for
 from conftest import REPO_ROOT, TINY_VOCAB, tiny_config
 
 pytestmark = pytest.mark.skipif(
-    not expert_kernel.is_registered(), reason=f"the expert kernel is not built here: {expert_kernel.unavailable_reason()}"
+    not expert_kernel.is_registered(),
+    reason=f"the expert kernel is not built here: {expert_kernel.unavailable_reason()}",
 )
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "identity": lambda inner: inner}

@@ -8,10 +8,11 @@ import textwrap
 import pytest
 
 
-# Allocates and frees a 256 MiB tensor a few times, then counts the page faults of allocating and filling it once more.
-# (With the setting, glibc places the second block past the first, whose freed chunk is just short of an aligned
-# request; from the third or fourth on, depending on what the process allocated and freed before (importing
-# switch_hf loads its expert kernel), it reuses the freed memory: the steady state of a training loop.)
+# Allocates and frees a 256 MiB tensor ten times, then counts the page faults of allocating and filling it once more.
+# (With the setting, glibc first places a new block past the freed one, whose chunk falls just short of an aligned
+# request, and reuses the freed memory once they have merged: the steady state of a training loop. How many rounds
+# that takes depends on what the process allocated and freed before; over repeated runs here, with and without
+# switch_hf's expert kernel loaded at import, 5 rounds were sometimes too few and 10 always enough.)
 REALLOCATE = textwrap.dedent(
     """
     import json, resource, sys
@@ -20,7 +21,7 @@ REALLOCATE = textwrap.dedent(
 
     applied = keep_freed_memory() if sys.argv[1] == "keep" else False
     size = 64 * 2**20  # floats: 256 MiB
-    for _ in range(5):
+    for _ in range(10):
         torch.ones(size)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(size)

@@ -201,7 +201,6 @@ class SwitchExperts(nn.Module):
         # Expert dropout sits on the inner activations (Fedus et al., 2021, section 2.4). Folding it into `act_fn`
         # keeps it inside every experts implementation, which all call `act_fn` between the two projections.
         self.act_fn = nn.Sequential(ACT2FN[config.expert_hidden_act], nn.Dropout(config.expert_dropout))
-        self.dropout_probability = config.expert_dropout
         # The activations switch_hf's fused kernel computes itself (`_expert_kernel_for`); ACT2FN's "gelu" is the
         # exact GELU, as the kernel's.
         self.kernel_activation = config.expert_hidden_act if config.expert_hidden_act in ("gelu", "relu") else None
@@ -361,11 +360,14 @@ def sorted_mm_experts_forward(
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
     rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
     kernel = _expert_kernel_for(self, hidden_states)
-    if kernel is not None and top_k == 1:
+    if kernel is None:
+        expert_output = _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)  # (n, h)
+    elif top_k == 1:
         # Each row runs at most once, so the kernel also gates each output and writes it back to its row: the combine.
         gate = top_k_weights.reshape(-1)[order].float()
         return _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert, gate).to(hidden_states.dtype)
-    expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, rows)  # (n, h)
+    else:
+        expert_output = _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
 
@@ -387,11 +389,17 @@ def sorted_experts_feed_forward(
         rows: (n,) the row of `hidden_states` at each sorted position; None when `hidden_states` is already sorted.
     """
     kernel = _expert_kernel_for(self, hidden_states)
-    if kernel is not None:
-        if rows is None:
-            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-        return _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert)
+    if kernel is None:
+        return _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)
+    if rows is None:
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+    return _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert)
 
+
+def _experts_on_torch_products(
+    self: nn.Module, hidden_states: torch.Tensor, rows_per_expert: list[int], rows: torch.Tensor | None
+) -> torch.Tensor:
+    """`sorted_experts_feed_forward` on torch's products, one per expert and projection, with autograd."""
     if self.has_gate:
         up_weight, up_bias = self.gate_up_proj, self.gate_up_proj_bias if self.has_bias else None
     else:
@@ -435,7 +443,7 @@ def _expert_kernel_for(experts: nn.Module, hidden_states: torch.Tensor):
         return None
     if experts.has_gate or experts.is_transposed or experts.has_post_expert_norm:
         return None
-    if experts.training and experts.dropout_probability > 0:
+    if experts.training and experts.act_fn[-1].p > 0:  # `act_fn` ends with the expert dropout
         return None
     # Autocast would run the products in its lower precision; the kernel computes in float32 only.
     if torch.is_autocast_enabled("cpu"):

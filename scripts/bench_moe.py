@@ -4,9 +4,9 @@ In one run, on the same inputs, for each number of experts this times, interleav
 
 - `dense`: Linear(h, ffn) -> GELU -> Linear(ffn, h), the FFN one token goes through;
 - `switch-hf/<implementation>`: the whole `SwitchSparseBlock` (router, capacity, experts) with each experts
-  implementation, top-1, dropless, so every token reaches its expert. `sorted_mm` runs its forward without autograd
-  on switch_hf's fused kernel where it is registered; `switch-hf/sorted_mm, torch products` is the same block with the
-  kernel switched off (its forward+backward is sorted_mm's: the kernel computes no gradients);
+  implementation, top-1, dropless, so every token reaches its expert. `sorted_mm` runs its experts' forward on
+  switch_hf's fused kernel where it is registered, and their backward's input-gradient products split between threads;
+  `switch-hf/sorted_mm, torch products` is the same block with switch_hf's kernel ops switched off;
 - `reference: expert networks`: the experts' networks alone, on tokens already sorted by expert;
 - `SwitchTransformersSparseMLP`: transformers' own Switch MoE, configured identically (same router and expert
   weights, capacity large enough to drop no token);
@@ -80,7 +80,7 @@ TARGET_ATTENTION_FORWARD = 1.25  # issue #6: attention experts against one dense
 DEFAULT_IMPLEMENTATIONS = ("sorted_mm", "grouped_mm")
 # A reference row, not an MoE: see `expert_networks`.
 EXPERT_NETWORKS = "reference: expert networks"
-# sorted_mm with its inference path on torch's per-expert products instead of switch_hf's fused kernel.
+# sorted_mm on torch's per-expert products alone, without switch_hf's kernel ops.
 SORTED_MM_TORCH = "switch-hf/sorted_mm, torch products"
 
 
@@ -267,8 +267,8 @@ class DenseFFN(nn.Module):
 
 def expert_networks(block: SwitchSparseBlock, inputs: torch.Tensor):
     """forward() of the block's expert networks alone (both products and the activation), on the tokens already
-    sorted by expert, as `sorted_mm` runs them: on switch_hf's fused kernel without autograd where it is registered,
-    else (and for the backward) one BLAS call per expert and product.
+    sorted by expert, as `sorted_mm` runs them: the forward on switch_hf's fused kernel where it is registered, else
+    (and for the backward) one BLAS call per expert and product.
 
     Routing, the gather of routed tokens and the unsorting of their outputs are left out: the gap from dense to this
     row is the experts' own (smaller products, every expert's weights read), the gap from this row to

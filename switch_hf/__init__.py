@@ -17,7 +17,7 @@ from .seed_api import SwitchTransformer
 
 __version__ = "0.1.0"
 
-# The experts' fused CPU kernel: built once per machine (cached), used by sorted_mm without autograd where it applies.
+# The experts' fused CPU kernel: built once per machine (cached), used by sorted_mm where it applies.
 expert_kernel.load()
 
 AutoConfig.register(SwitchConfig.model_type, SwitchConfig)

@@ -1,10 +1,15 @@
-// switch_hf::expert_feed_forward: every expert's feed-forward network, h -> intermediate -> h, on the rows routed to
-// it, float32, AVX-512, without autograd. Built on first import of switch_hf by expert_kernel.py; `sorted_mm`
-// (modeling_switch.py) runs its inference path on it where it is registered, and on torch.mm elsewhere.
+// The experts' feed-forward networks, h -> intermediate -> h, on the rows routed to each, float32, AVX-512. Built on
+// first import of switch_hf by expert_kernel.py; `sorted_mm` (modeling_switch.py) runs its experts on these ops where
+// they are registered, and on torch.mm elsewhere.
+//
+// switch_hf::expert_feed_forward, the forward:
 //
 //   output[i] = down[e] @ act(up[e] @ input[rows[i]] + up_bias[e]) + down_bias[e]    for sorted position i of expert e
 //
 // or, for top-1 routing, the combine as well: result[rows[i]] = gate[i] * output[i], in the input's row order.
+// switch_hf::expert_feed_forward_with_inner, the forward of training, also returns the inner pre-activations and
+// activations the backward reads. switch_hf::expert_matmul runs the backward's input-gradient products, one BLAS call
+// per expert, with the experts split between threads.
 //
 // Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
 // amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read
@@ -258,6 +263,45 @@ void rows_from_columns(const float* columns, int64_t stride, int64_t m, int64_t 
   }
 }
 
+// Stores the first `count` lanes of `values` for a later pass (the backward): straight to memory where a whole aligned
+// vector is stored, since nothing reads it before it would have left the cache anyway.
+inline void store_for_later(float* destination, int64_t count, __m512 values) {
+  if (count >= kRowsPerVector && reinterpret_cast<uintptr_t>(destination) % 64 == 0) {
+    _mm512_stream_ps(destination, values);
+  } else {
+    _mm512_mask_storeu_ps(destination, first_lanes(count), values);
+  }
+}
+
+// For the backward: applies the activation to a tile's first-product results in place (inner_t: width x m, row
+// stride `stride`), and writes both the pre-activations and the activations out as m rows of `width`.
+void activate_and_export(float* inner_t, int64_t stride, int64_t m, int64_t width, Activation activation,
+                         float* pre_activation_rows, float* activation_rows) {
+  __m512 pre[16], activated[16];
+  for (int64_t r0 = 0; r0 < m; r0 += kRowsPerVector) {
+    const int64_t rows = std::min<int64_t>(kRowsPerVector, m - r0);
+    for (int64_t k0 = 0; k0 < width; k0 += kRowsPerVector) {
+      const int64_t features = std::min<int64_t>(kRowsPerVector, width - k0);
+      for (int j = 0; j < kRowsPerVector; ++j) {
+        if (j < features) {
+          float* column = inner_t + (k0 + j) * stride + r0;
+          pre[j] = _mm512_maskz_loadu_ps(first_lanes(rows), column);
+          activated[j] = activate(activation, pre[j]);
+          _mm512_mask_storeu_ps(column, first_lanes(rows), activated[j]);
+        } else {
+          pre[j] = activated[j] = _mm512_setzero_ps();
+        }
+      }
+      transpose_16x16(pre);
+      transpose_16x16(activated);
+      for (int i = 0; i < rows; ++i) {
+        store_for_later(pre_activation_rows + (r0 + i) * width + k0, features, pre[i]);
+        store_for_later(activation_rows + (r0 + i) * width + k0, features, activated[i]);
+      }
+    }
+  }
+}
+
 void check_float_cpu_contiguous(const at::Tensor& tensor, const char* name, int64_t dim) {
   TORCH_CHECK(tensor.dim() == dim, "expert_feed_forward: ", name, " must be ", dim, "-D, got shape ", tensor.sizes());
   TORCH_CHECK(tensor.scalar_type() == at::kFloat, "expert_feed_forward: ", name, " must be float32, got ",
@@ -266,13 +310,11 @@ void check_float_cpu_contiguous(const at::Tensor& tensor, const char* name, int6
   TORCH_CHECK(tensor.is_contiguous(), "expert_feed_forward: ", name, " must be contiguous");
 }
 
-// Returns the n sorted rows' outputs (n, h); with `gate` (n,), instead the (t, h) result in input order: input row
-// row_index[i] gets gate[i] times its output, rows never routed get zero. Rows must then be distinct (top-1
-// routing: each row runs once), so that no two writes meet.
-at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert,
-                               const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                               const std::optional<at::Tensor>& down_bias, const std::string& activation_name,
-                               const std::optional<at::Tensor>& gate) {
+// Checks the arguments both ops share, naming the one at fault; returns the number of sorted rows,
+// sum(rows_per_expert).
+int64_t check_experts_arguments(const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert,
+                                const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
+                                const std::optional<at::Tensor>& down_bias) {
   check_float_cpu_contiguous(input, "input", 2);
   check_float_cpu_contiguous(up, "up", 3);
   check_float_cpu_contiguous(down, "down", 3);
@@ -308,30 +350,30 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
     TORCH_CHECK(lowest.item<int64_t>() >= 0 && highest.item<int64_t>() < input.size(0),
                 "expert_feed_forward: row_index must lie in [0, ", input.size(0), ")");
   }
-  const Activation activation = parse_activation(activation_name);
-  const int64_t* row_index_data = row_index.data_ptr<int64_t>();
-  if (gate.has_value()) {
-    check_float_cpu_contiguous(*gate, "gate", 1);
-    TORCH_CHECK(gate->size(0) == total_rows, "expert_feed_forward: gate must have ", total_rows,
-                " entries (one per row), got ", gate->size(0));
-    std::vector<bool> routed(input.size(0), false);
-    for (int64_t i = 0; i < total_rows; ++i) {
-      TORCH_CHECK(!routed[row_index_data[i]], "expert_feed_forward: with gate, row_index must not repeat a row (row ",
-                  row_index_data[i], " appears twice); gate and sum top-k choices outside");
-      routed[row_index_data[i]] = true;
-    }
-  }
+  return total_rows;
+}
 
-  at::Tensor output = !gate.has_value()              ? at::empty({total_rows, hidden}, input.options())
-                      : total_rows == input.size(0) ? at::empty_like(input)  // every row written once
-                                                    : at::zeros_like(input);
+// Where the tiles' results go. `output` receives the sorted rows' outputs (n, h), or, with `gate`, the gated outputs
+// at their input rows. With `pre_activation` and `activation`, each (n, intermediate), the inner values the backward
+// needs are written there too, in sorted order.
+struct Destination {
+  float* output;
+  const float* gate;
+  float* pre_activation;
+  float* activation;
+};
+
+void run_experts(const at::Tensor& input, const int64_t* row_index, c10::IntArrayRef rows_per_expert,
+                 const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
+                 const std::optional<at::Tensor>& down_bias, Activation activation, int64_t total_rows,
+                 const Destination& destination) {
+  const int64_t num_experts = up.size(0), intermediate = up.size(1), hidden = up.size(2);
   const float* input_data = input.data_ptr<float>();
-  const float* gate_data = gate.has_value() ? gate->data_ptr<float>() : nullptr;
   const float* up_data = up.data_ptr<float>();
   const float* down_data = down.data_ptr<float>();
   const float* up_bias_data = up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr;
   const float* down_bias_data = down_bias.has_value() ? down_bias->data_ptr<float>() : nullptr;
-  float* output_data = output.data_ptr<float>();
+  const bool exports_inner = destination.pre_activation != nullptr;
   std::vector<int64_t> first_position(num_experts + 1, 0);
   for (int64_t expert = 0; expert < num_experts; ++expert) {
     first_position[expert + 1] = first_position[expert] + rows_per_expert[expert];
@@ -354,22 +396,140 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
         for (int64_t position = expert_begin; position < expert_end;) {
           const int64_t remaining = expert_end - position;
           const int64_t m = remaining < kTileRows + kMergedRestRows ? remaining : kTileRows;
-          gather_columns(input_data, row_index_data + position, m, hidden, input_t.data(), m);
+          gather_columns(input_data, row_index + position, m, hidden, input_t.data(), m);
           multiply(Product{input_t.data(), up_data + expert * intermediate * hidden,
                            up_bias_data ? up_bias_data + expert * intermediate : nullptr, inner_t.data(), m, m,
-                           hidden, intermediate, activation});
+                           hidden, intermediate, exports_inner ? Activation::kIdentity : activation});
+          if (exports_inner) {
+            activate_and_export(inner_t.data(), m, m, intermediate, activation,
+                                destination.pre_activation + position * intermediate,
+                                destination.activation + position * intermediate);
+          }
           multiply(Product{inner_t.data(), down_data + expert * hidden * intermediate,
                            down_bias_data ? down_bias_data + expert * hidden : nullptr, output_t.data(), m, m,
                            intermediate, hidden, Activation::kIdentity});
-          if (gate_data) {
-            rows_from_columns(output_t.data(), m, m, hidden, output_data, row_index_data + position,
-                              gate_data + position);
+          if (destination.gate) {
+            rows_from_columns(output_t.data(), m, m, hidden, destination.output, row_index + position,
+                              destination.gate + position);
           } else {
-            rows_from_columns(output_t.data(), m, m, hidden, output_data + position * hidden, nullptr, nullptr);
+            rows_from_columns(output_t.data(), m, m, hidden, destination.output + position * hidden, nullptr,
+                              nullptr);
           }
           position += m;
         }
       }
+    }
+    _mm_sfence();  // the non-temporal stores are done before anyone reads them
+  });
+}
+
+// Returns the n sorted rows' outputs (n, h); with `gate` (n,), instead the (t, h) result in input order: input row
+// row_index[i] gets gate[i] times its output, rows never routed get zero. Rows must then be distinct (top-1
+// routing: each row runs once), so that no two writes meet.
+at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert,
+                               const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
+                               const std::optional<at::Tensor>& down_bias, const std::string& activation_name,
+                               const std::optional<at::Tensor>& gate) {
+  const int64_t total_rows =
+      check_experts_arguments(input, row_index, rows_per_expert, up, up_bias, down, down_bias);
+  const Activation activation = parse_activation(activation_name);
+  const int64_t* row_index_data = row_index.data_ptr<int64_t>();
+  if (gate.has_value()) {
+    check_float_cpu_contiguous(*gate, "gate", 1);
+    TORCH_CHECK(gate->size(0) == total_rows, "expert_feed_forward: gate must have ", total_rows,
+                " entries (one per row), got ", gate->size(0));
+    std::vector<bool> routed(input.size(0), false);
+    for (int64_t i = 0; i < total_rows; ++i) {
+      TORCH_CHECK(!routed[row_index_data[i]], "expert_feed_forward: with gate, row_index must not repeat a row (row ",
+                  row_index_data[i], " appears twice); gate and sum top-k choices outside");
+      routed[row_index_data[i]] = true;
+    }
+  }
+  at::Tensor output = !gate.has_value()              ? at::empty({total_rows, input.size(1)}, input.options())
+                      : total_rows == input.size(0) ? at::empty_like(input)  // every row written once
+                                                    : at::zeros_like(input);
+  run_experts(input, row_index_data, rows_per_expert, up, up_bias, down, down_bias, activation, total_rows,
+              Destination{output.data_ptr<float>(), gate.has_value() ? gate->data_ptr<float>() : nullptr, nullptr,
+                          nullptr});
+  return output;
+}
+
+// The forward of training: the n sorted rows' outputs (n, h), and their inner pre-activations and activations (n,
+// intermediate each), which the backward reads instead of recomputing them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_feed_forward_with_inner(
+    const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert, const at::Tensor& up,
+    const std::optional<at::Tensor>& up_bias, const at::Tensor& down, const std::optional<at::Tensor>& down_bias,
+    const std::string& activation_name) {
+  const int64_t total_rows =
+      check_experts_arguments(input, row_index, rows_per_expert, up, up_bias, down, down_bias);
+  const Activation activation = parse_activation(activation_name);
+  at::Tensor output = at::empty({total_rows, input.size(1)}, input.options());
+  at::Tensor pre_activation = at::empty({total_rows, up.size(1)}, input.options());
+  at::Tensor activated = at::empty({total_rows, up.size(1)}, input.options());
+  run_experts(input, row_index.data_ptr<int64_t>(), rows_per_expert, up, up_bias, down, down_bias, activation,
+              total_rows,
+              Destination{output.data_ptr<float>(), nullptr, pre_activation.data_ptr<float>(),
+                          activated.data_ptr<float>()});
+  return {output, pre_activation, activated};
+}
+
+// output[rows of expert e] = input[rows of expert e] @ weight[e], for `input` (n, in) sorted by expert and `weight`
+// (e, in, out) of any dtype and strides: one BLAS product per expert, as `sorted_mm`'s backward runs them, but with
+// the experts split between torch's threads by their rows, each product on one thread. A BLAS call on the few rows of
+// one expert gains little from a second thread (it mostly waits for the weight to arrive from memory), while two
+// threads on two experts stream two weights at once. Where one expert has more than a thread's share of the rows,
+// the experts run one after the other, each product on every thread.
+at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef rows_per_expert) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 3, "expert_matmul: input must be 2-D and weight 3-D, got shapes ",
+              input.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(input.size(1) == weight.size(1), "expert_matmul: weight must be (e, ", input.size(1), ", out), got ",
+              weight.sizes());
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "expert_matmul: input and weight must have one dtype, got ",
+              input.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
+              "expert_matmul: input and weight must be on the CPU");
+  const int64_t num_experts = weight.size(0);
+  TORCH_CHECK((int64_t)rows_per_expert.size() == num_experts, "expert_matmul: rows_per_expert must have ",
+              num_experts, " entries, got ", rows_per_expert.size());
+  std::vector<int64_t> first_row(num_experts + 1, 0);
+  int64_t most_rows = 0;
+  for (int64_t expert = 0; expert < num_experts; ++expert) {
+    TORCH_CHECK(rows_per_expert[expert] >= 0, "expert_matmul: rows_per_expert must not be negative, got ",
+                rows_per_expert[expert]);
+    first_row[expert + 1] = first_row[expert] + rows_per_expert[expert];
+    most_rows = std::max(most_rows, rows_per_expert[expert]);
+  }
+  const int64_t total_rows = first_row[num_experts];
+  TORCH_CHECK(input.size(0) == total_rows, "expert_matmul: input must have sum(rows_per_expert) = ", total_rows,
+              " rows, got ", input.size(0));
+
+  // Values only, like every op here: detached, a weight that requires gradients is not refused by mm's out= form.
+  const at::Tensor input_values = input.detach(), weight_values = weight.detach();
+  at::Tensor output = at::empty({total_rows, weight.size(2)}, input.options());
+  const auto multiply_experts = [&](int64_t expert_begin, int64_t expert_end) {
+    for (int64_t expert = expert_begin; expert < expert_end; ++expert) {
+      if (rows_per_expert[expert] == 0) continue;
+      at::Tensor expert_output = output.narrow(0, first_row[expert], rows_per_expert[expert]);
+      at::mm_out(expert_output, input_values.narrow(0, first_row[expert], rows_per_expert[expert]),
+                 weight_values[expert]);
+    }
+  };
+  const int64_t num_shares = at::get_num_threads();
+  if (num_shares == 1 || most_rows * num_shares > total_rows) {
+    multiply_experts(0, num_experts);
+    return output;
+  }
+  // Share s takes the experts whose first row lies in its equal part of the rows.
+  std::vector<int64_t> first_expert(num_shares + 1, num_experts);
+  first_expert[0] = 0;
+  for (int64_t share = 1, expert = 0; share < num_shares; ++share) {
+    while (expert < num_experts && first_row[expert] < total_rows * share / num_shares) ++expert;
+    first_expert[share] = expert;
+  }
+  // Inside at::parallel_for, torch runs each product on the calling thread alone.
+  at::parallel_for(0, num_shares, 1, [&](int64_t share_begin, int64_t share_end) {
+    for (int64_t share = share_begin; share < share_end; ++share) {
+      multiply_experts(first_expert[share], first_expert[share + 1]);
     }
   });
   return output;
@@ -381,8 +541,14 @@ TORCH_LIBRARY(switch_hf, library) {
   library.def(
       "expert_feed_forward(Tensor input, Tensor row_index, int[] rows_per_expert, Tensor up, Tensor? up_bias, "
       "Tensor down, Tensor? down_bias, str activation, Tensor? gate=None) -> Tensor");
+  library.def(
+      "expert_feed_forward_with_inner(Tensor input, Tensor row_index, int[] rows_per_expert, Tensor up, "
+      "Tensor? up_bias, Tensor down, Tensor? down_bias, str activation) -> (Tensor, Tensor, Tensor)");
+  library.def("expert_matmul(Tensor input, Tensor weight, int[] rows_per_expert) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {
   library.impl("expert_feed_forward", &expert_feed_forward);
+  library.impl("expert_feed_forward_with_inner", &expert_feed_forward_with_inner);
+  library.impl("expert_matmul", &expert_matmul);
 }

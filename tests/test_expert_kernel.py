@@ -14,7 +14,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from switch_hf import SwitchForTokenReconstruction, expert_kernel, modeling_switch
-from switch_hf.modeling_switch import SwitchExperts, _expert_kernel_for
+from switch_hf.modeling_switch import SwitchExperts, _expert_kernel_runs, _needs_gradients
 
 from conftest import REPO_ROOT, TINY_VOCAB, tiny_config
 
@@ -112,6 +112,45 @@ def test_kernel_gelu_is_the_exact_gelu_over_a_wide_range():
     torch.testing.assert_close(output, F.gelu(input), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+@pytest.mark.parametrize("hidden, intermediate", [(384, 1536), (40, 70)], ids=["issue-shapes", "odd-shapes"])
+def test_kernel_with_inner_also_returns_the_inner_values(threads, activation, hidden, intermediate):
+    generator = torch.Generator().manual_seed(0)
+    up, up_bias, down, down_bias = expert_weights(len(ROWS_PER_EXPERT), hidden, intermediate, True, generator)
+    input = torch.randn(700, hidden, generator=generator)
+    rows = torch.randint(0, input.shape[0], (sum(ROWS_PER_EXPERT),), generator=generator)
+
+    output, pre_activation, activated = torch.ops.switch_hf.expert_feed_forward_with_inner(
+        input, rows, ROWS_PER_EXPERT, up, up_bias, down, down_bias, activation
+    )
+    expected_pre_activation = torch.cat(
+        [
+            F.linear(input[expert_rows], up[expert], up_bias[expert])
+            for expert, expert_rows in enumerate(rows.split(ROWS_PER_EXPERT))
+        ]
+    )
+    torch.testing.assert_close(pre_activation, expected_pre_activation, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(activated, ACTIVATIONS[activation](pre_activation), rtol=1e-5, atol=2e-6)
+    expected = torch_feed_forward(input, rows, ROWS_PER_EXPERT, up, up_bias, down, down_bias, activation)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows_per_expert", [ROWS_PER_EXPERT, [0, 3, 900, 2, 0]], ids=["experts-split-between-threads", "one-expert-dominates"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_matmul_matches_one_product_per_expert(threads, rows_per_expert, dtype):
+    generator = torch.Generator().manual_seed(0)
+    input = torch.randn(sum(rows_per_expert), 40, generator=generator).to(dtype)
+    # A transposed view, as `sorted_linear_backward` passes for experts stored (e, in, out).
+    weight = torch.randn(len(rows_per_expert), 70, 40, generator=generator).to(dtype).transpose(1, 2)
+
+    output = torch.ops.switch_hf.expert_matmul(input, weight, rows_per_expert)
+    expected = torch.cat([rows @ weight[expert] for expert, rows in enumerate(input.split(rows_per_expert))])
+    assert output.dtype == dtype
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_no_rows_gives_an_empty_output():
     up, _, down, _ = expert_weights(3, 32, 48, False, torch.Generator().manual_seed(0))
     output = torch.ops.switch_hf.expert_feed_forward(
@@ -145,6 +184,63 @@ def test_model_inference_runs_on_the_kernel_with_the_same_logits(top_k):
     torch.testing.assert_close(on_kernel, on_torch, rtol=1e-5, atol=1e-5)
 
 
+def training_step(model, input_ids, labels):
+    torch.manual_seed(1)  # the same dropout masks in every step
+    model.zero_grad()
+    output = model(input_ids=input_ids, labels=labels)
+    output.loss.backward()
+    return output.loss.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_model_training_runs_its_forward_on_the_kernel_with_the_same_loss_and_gradients(top_k, activation):
+    torch.manual_seed(0)
+    config = tiny_config(top_k=top_k, expert_hidden_act=activation, capacity_factor=1.0)
+    model = SwitchForTokenReconstruction(config).train()
+    input_ids = torch.randint(1, TINY_VOCAB, (3, 40))
+    labels = torch.where(torch.rand(input_ids.shape) < 0.3, input_ids, -100)
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        loss, gradients = training_step(model, input_ids, labels)
+    calls = sum(
+        event.count for event in profiler.key_averages() if event.key == "switch_hf::expert_feed_forward_with_inner"
+    )
+    assert calls == config.num_switch_layers
+    modeling_switch.use_expert_kernel = False
+    try:
+        expected_loss, expected_gradients = training_step(model, input_ids, labels)
+    finally:
+        modeling_switch.use_expert_kernel = True
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    assert gradients.keys() == expected_gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-5, atol=1e-5, msg=name)
+    expert_gradient = gradients["model.layers.0.moe.experts.up_proj"]
+    assert expert_gradient.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows_per_expert, on_kernel", [([100, 0, 60, 90], True), ([300, 0, 280, 250], False)])
+def test_training_forward_runs_on_the_kernel_only_for_experts_with_few_rows(rows_per_expert, on_kernel):
+    """Above `KERNEL_TRAINING_MAX_ROWS_PER_EXPERT` rows an expert on average (empty experts not counted), writing
+    the inner values out for the backward costs more than the kernel saves: torch's products run instead."""
+    assert (sum(rows_per_expert) / 3 <= modeling_switch.KERNEL_TRAINING_MAX_ROWS_PER_EXPERT) == on_kernel
+    experts = SwitchExperts(tiny_config())
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    rows = torch.randn(sum(rows_per_expert), experts.up_proj.shape[2])
+
+    def forward_and_backward():
+        modeling_switch.sorted_experts_feed_forward(experts, rows, rows_per_expert).sum().backward()
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        forward_and_backward()
+    calls = sum(
+        event.count for event in profiler.key_averages() if event.key == "switch_hf::expert_feed_forward_with_inner"
+    )
+    assert calls == int(on_kernel)
+
+
 def test_kernel_is_not_used_where_it_cannot_run():
     config = tiny_config(expert_dropout=0.1)
     experts = SwitchExperts(config).eval()
@@ -152,21 +248,20 @@ def test_kernel_is_not_used_where_it_cannot_run():
         torch.nn.init.normal_(parameter, std=0.02)
     rows = torch.randn(10, config.hidden_size)
 
+    assert _expert_kernel_runs(experts, rows)
+    assert _needs_gradients(experts, rows)  # then the forward returns what the backward needs
     with torch.no_grad():
-        assert _expert_kernel_for(experts, rows) is torch.ops.switch_hf.expert_feed_forward
-        assert _expert_kernel_for(experts, rows.double()) is None  # float32 only
-        assert _expert_kernel_for(experts.train(), rows) is None  # expert dropout active
-        experts.eval()
-    assert _expert_kernel_for(experts, rows) is None  # gradients needed: the kernel computes none
-    assert _expert_kernel_for(experts, rows.requires_grad_()) is None
-    with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert _expert_kernel_for(experts, rows) is None  # autocast's precision, not the kernel's float32
-        experts.up_proj = torch.nn.Parameter(experts.up_proj.transpose(1, 2).contiguous().transpose(1, 2))
-        assert _expert_kernel_for(experts, rows) is None  # weights not laid out as the kernel reads them
-        assert _expert_kernel_for(SwitchExperts(tiny_config(expert_hidden_act="silu")), rows) is None
-        mixtral = MixtralExperts(MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4))
-        assert _expert_kernel_for(mixtral, rows) is None  # gated experts
+        assert not _needs_gradients(experts, rows)
+    assert not _expert_kernel_runs(experts, rows.double())  # float32 only
+    assert not _expert_kernel_runs(experts.train(), rows)  # expert dropout active
+    experts.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _expert_kernel_runs(experts, rows)  # autocast's precision, not the kernel's float32
+    experts.up_proj = torch.nn.Parameter(experts.up_proj.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not _expert_kernel_runs(experts, rows)  # weights not laid out as the kernel reads them
+    assert not _expert_kernel_runs(SwitchExperts(tiny_config(expert_hidden_act="silu")), rows)
+    mixtral = MixtralExperts(MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4))
+    assert not _expert_kernel_runs(mixtral, rows)  # gated experts
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
@@ -199,6 +294,23 @@ def test_kernel_rejects_bad_input_naming_the_argument(change, message):
     arguments.update(change)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.switch_hf.expert_feed_forward(*arguments.values())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(input=torch.randn(6, 5)), r"weight must be \(e, 5, out\)"),
+        (dict(input=torch.randn(6, 4).double()), "input and weight must have one dtype"),
+        (dict(rows_per_expert=[2, 4]), "rows_per_expert must have 3 entries"),
+        (dict(rows_per_expert=[3, 4, -1]), "rows_per_expert must not be negative"),
+        (dict(rows_per_expert=[2, 2, 1]), r"input must have sum\(rows_per_expert\) = 5 rows"),
+    ],
+)
+def test_expert_matmul_rejects_bad_input_naming_the_argument(change, message):
+    arguments = dict(input=torch.randn(6, 4), weight=torch.randn(3, 4, 5), rows_per_expert=[2, 2, 2])
+    arguments.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.switch_hf.expert_matmul(*arguments.values())
 
 
 # --- without it -----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertModel
 
-from switch_hf import SwitchConfig, SwitchForTokenReconstruction, SwitchModel
+from switch_hf import SwitchConfig, SwitchForTokenReconstruction, SwitchModel, modeling_switch
 from switch_hf.modeling_switch import SwitchLayer, SwitchSparseBlock
 
 from conftest import BLOCK_SWITCH_HF, TINY_VOCAB, tiny_config
@@ -341,11 +341,13 @@ def test_missing_weights_are_named_and_strict_loading_fails(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("expert_kinds", [None, "ab"])
-def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, expert_kinds):
+def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, monkeypatch, expert_kinds):
     import subprocess
     import sys
     import textwrap
 
+    # Compared bit for bit with a process without switch_hf, hence without its expert kernel.
+    monkeypatch.setattr(modeling_switch, "use_expert_kernel", False)
     model = SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).eval()
     model.save_pretrained(tmp_path / "ckpt")
     ids = random_ids(2, 7)

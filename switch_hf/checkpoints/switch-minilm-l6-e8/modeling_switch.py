@@ -201,7 +201,7 @@ class SwitchExperts(nn.Module):
         # Expert dropout sits on the inner activations (Fedus et al., 2021, section 2.4). Folding it into `act_fn`
         # keeps it inside every experts implementation, which all call `act_fn` between the two projections.
         self.act_fn = nn.Sequential(ACT2FN[config.expert_hidden_act], nn.Dropout(config.expert_dropout))
-        # The activations switch_hf's fused kernel computes itself (`_expert_kernel_for`); ACT2FN's "gelu" is the
+        # The activations switch_hf's fused kernel computes itself (`_expert_kernel_runs`); ACT2FN's "gelu" is the
         # exact GELU, as the kernel's.
         self.kernel_activation = config.expert_hidden_act if config.expert_hidden_act in ("gelu", "relu") else None
 
@@ -264,7 +264,6 @@ class _SortedExpertsLinear(torch.autograd.Function):
                 # In place on the view, while it is still in cache.
                 expert_output.add_(expert_bias)
         ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
         ctx.rows_per_expert = rows_per_expert
         ctx.is_transposed = is_transposed
         return output
@@ -272,39 +271,120 @@ class _SortedExpertsLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
-        rows_per_expert, num_experts = ctx.rows_per_expert, weight.shape[0]
-        grad_output = grad_output.contiguous()
-        grad_input = torch.empty_like(input) if needs_input_grad else None
-        grad_weight = torch.empty_like(weight) if needs_weight_grad else None
-        grad_bias = grad_output.new_empty(num_experts, grad_output.shape[1]) if needs_bias_grad else None
-
-        per_expert = zip(
-            input.split(rows_per_expert),
-            grad_output.split(rows_per_expert),  # (rows, out) each
-            weight.transpose(1, 2) if ctx.is_transposed else weight,  # (out, in) each
-            grad_input.split(rows_per_expert) if grad_input is not None else [None] * num_experts,
-            grad_weight if grad_weight is not None else [None] * num_experts,
-            grad_bias if grad_bias is not None else [None] * num_experts,
+        gradients = sorted_linear_backward(
+            input, weight, grad_output, ctx.rows_per_expert, ctx.is_transposed, *ctx.needs_input_grad[:3]
         )
-        for expert_input, expert_grad_output, expert_weight, expert_grad_input, expert_grad_weight, expert_grad_bias in per_expert:
-            if expert_input.shape[0] == 0:
-                # The one place an expert without rows costs anything: its gradient must read zero.
-                if expert_grad_weight is not None:
-                    expert_grad_weight.zero_()
-                if expert_grad_bias is not None:
-                    expert_grad_bias.zero_()
-                continue
-            if expert_grad_input is not None:
-                torch.mm(expert_grad_output, expert_weight, out=expert_grad_input)
+        return *gradients, None, None
+
+
+def sorted_linear_backward(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    grad_output: torch.Tensor,
+    rows_per_expert: list[int],
+    is_transposed: bool,
+    needs_input_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of `_SortedExpertsLinear`: one matrix product per expert and gradient, each written into its
+    slice of a preallocated tensor.
+
+    Args:
+        input: (n, in) the rows the forward multiplied, sorted by expert.
+        weight: (e, out, in), or (e, in, out) when `is_transposed`.
+        grad_output: (n, out).
+    Returns:
+        The gradients of `input` (n, in), of `weight`, and of the bias (e, out); None where not needed. An expert
+        without rows gets zero weight and bias gradients.
+    """
+    num_experts = weight.shape[0]
+    grad_output = grad_output.contiguous()
+    grad_input, input_grad_in_loop = None, needs_input_grad
+    if needs_input_grad:
+        expert_matmul = getattr(torch.ops.switch_hf, "expert_matmul", None) if use_expert_kernel else None
+        if expert_matmul is not None and grad_output.device.type == "cpu" and grad_output.dtype == weight.dtype:
+            # The same products with the experts split between threads (`expert_kernel.cpp`), where switch_hf is built.
+            weight_by_rows = weight.transpose(1, 2) if is_transposed else weight  # (e, out, in)
+            grad_input, input_grad_in_loop = expert_matmul(grad_output, weight_by_rows, rows_per_expert), False
+        else:
+            grad_input = torch.empty_like(input)
+    grad_weight = torch.empty_like(weight) if needs_weight_grad else None
+    grad_bias = grad_output.new_empty(num_experts, grad_output.shape[1]) if needs_bias_grad else None
+
+    per_expert = zip(
+        input.split(rows_per_expert),
+        grad_output.split(rows_per_expert),  # (rows, out) each
+        weight.transpose(1, 2) if is_transposed else weight,  # (out, in) each
+        grad_input.split(rows_per_expert) if input_grad_in_loop else [None] * num_experts,
+        grad_weight if grad_weight is not None else [None] * num_experts,
+        grad_bias if grad_bias is not None else [None] * num_experts,
+    )
+    for expert_input, expert_grad_output, expert_weight, expert_grad_input, expert_grad_weight, expert_grad_bias in per_expert:
+        if expert_input.shape[0] == 0:
+            # The one place an expert without rows costs anything: its gradient must read zero.
             if expert_grad_weight is not None:
-                if ctx.is_transposed:
-                    torch.mm(expert_input.t(), expert_grad_output, out=expert_grad_weight)
-                else:
-                    torch.mm(expert_grad_output.t(), expert_input, out=expert_grad_weight)
+                expert_grad_weight.zero_()
             if expert_grad_bias is not None:
-                torch.sum(expert_grad_output, dim=0, out=expert_grad_bias)
-        return grad_input, grad_weight, grad_bias, None, None
+                expert_grad_bias.zero_()
+            continue
+        if expert_grad_input is not None:
+            torch.mm(expert_grad_output, expert_weight, out=expert_grad_input)
+        if expert_grad_weight is not None:
+            if is_transposed:
+                torch.mm(expert_input.t(), expert_grad_output, out=expert_grad_weight)
+            else:
+                torch.mm(expert_grad_output.t(), expert_input, out=expert_grad_weight)
+        if expert_grad_bias is not None:
+            torch.sum(expert_grad_output, dim=0, out=expert_grad_bias)
+    return grad_input, grad_weight, grad_bias
+
+
+class _ExpertNetworksOnKernel(torch.autograd.Function):
+    """[`SwitchExperts`]' networks on switch_hf's fused kernel with autograd: `_experts_on_torch_products`' function.
+
+    The forward runs on `expert_feed_forward_with_inner`, which also returns the inner pre-activations and activations
+    the backward needs (what the per-expert products save too); the backward runs on torch's per-expert products
+    (`sorted_linear_backward`): a fused backward kernel built like the forward's measured slower (`docs/benchmarks.md`).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states, rows, up, up_bias, down, down_bias, rows_per_expert: list[int], activation: str):
+        """
+        Args:
+            hidden_states: (p, h); rows: (n,) the row of `hidden_states` at each sorted position.
+            up: (e, intermediate, h), down: (e, h, intermediate), and their biases (e, ...) or None.
+        Returns:
+            (n, h) the ungated outputs in sorted order.
+        """
+        output, pre_activation, activated = torch.ops.switch_hf.expert_feed_forward_with_inner(
+            hidden_states, rows, rows_per_expert, up, up_bias, down, down_bias, activation
+        )
+        ctx.save_for_backward(hidden_states, rows, up, down, pre_activation, activated)
+        ctx.rows_per_expert, ctx.activation = rows_per_expert, activation
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_states, rows, up, down, pre_activation, activated = ctx.saved_tensors
+        needs_input_grad, _, needs_up_grad, needs_up_bias_grad, needs_down_grad, needs_down_bias_grad = (
+            ctx.needs_input_grad[:6]
+        )
+        grad_activated, grad_down, grad_down_bias = sorted_linear_backward(
+            activated, down, grad_output, ctx.rows_per_expert, False, True, needs_down_grad, needs_down_bias_grad
+        )
+        if ctx.activation == "gelu":
+            grad_inner = torch.ops.aten.gelu_backward(grad_activated, pre_activation)
+        else:  # relu
+            grad_inner = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
+        grad_expert_input, grad_up, grad_up_bias = sorted_linear_backward(
+            hidden_states.index_select(0, rows), up, grad_inner, ctx.rows_per_expert, False, needs_input_grad,
+            needs_up_grad, needs_up_bias_grad,
+        )  # fmt: skip
+        grad_hidden_states = None
+        if needs_input_grad:  # the sorted rows' gradients, summed into the rows they were read from
+            grad_hidden_states = torch.zeros_like(hidden_states).index_add_(0, rows, grad_expert_input)
+        return grad_hidden_states, None, grad_up, grad_up_bias, grad_down, grad_down_bias, None, None
 
 
 def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -343,8 +423,8 @@ def sorted_mm_experts_forward(
     runs over experts, never over rows, and experts without rows cost nothing; the one host sync is reading the
     per-expert row counts. Unlike transformers' `grouped_mm`, it needs no grouped-GEMM kernel (its CPU fallback
     zero-fills a whole weight gradient), adds each expert's bias on its slice instead of gathering a bias per row, and
-    runs the same on every torch version. Without autograd it runs on switch_hf's fused kernel where that applies
-    (`sorted_experts_feed_forward`). `docs/benchmarks.md` compares them all.
+    runs the same on every torch version. switch_hf's own experts run their forward on its fused kernel where that
+    applies (`sorted_experts_feed_forward`). `docs/benchmarks.md` compares them all.
 
     Works with any experts module of transformers' layout (gated or not, with or without bias, transposed or not).
 
@@ -359,21 +439,33 @@ def sorted_mm_experts_forward(
     top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
     rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
-    kernel = _expert_kernel_for(self, hidden_states)
-    if kernel is None:
-        expert_output = _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)  # (n, h)
-    elif top_k == 1:
+    if top_k == 1 and _expert_kernel_runs(self, hidden_states) and not _needs_gradients(self, hidden_states):
         # Each row runs at most once, so the kernel also gates each output and writes it back to its row: the combine.
         gate = top_k_weights.reshape(-1)[order].float()
-        return _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert, gate).to(hidden_states.dtype)
-    else:
-        expert_output = _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert)  # (n, h)
+        up_bias, down_bias = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
+        expert_output = torch.ops.switch_hf.expert_feed_forward(
+            hidden_states.contiguous(), rows, rows_per_expert, self.up_proj, up_bias, self.down_proj, down_bias,
+            self.kernel_activation, gate,
+        )  # fmt: skip
+        return expert_output.to(hidden_states.dtype)
+    expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, rows)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
 
 
-# Set to False to run the experts on torch's products even where switch_hf's fused kernel is registered (the
+# Set to False to run the experts on torch's products alone even where switch_hf's kernel ops are registered (the
 # benchmark times both side by side).
 use_expert_kernel = True
+
+# In training the kernel also writes every row's inner values out for the backward, which costs about as much as the
+# per-expert BLAS products lose to their weight packing at 128 rows an expert: above this many rows an expert on
+# average, the training forward runs on torch's products (at 4,096 tokens, one thread, side by side: 512 rows an
+# expert, 78 against 75 ms; 128 rows, 84 against 85; 32 rows, 99 against 134).
+KERNEL_TRAINING_MAX_ROWS_PER_EXPERT = 256
+
+
+def _rows_per_used_expert(rows_per_expert: list[int]) -> float:
+    used = sum(1 for rows in rows_per_expert if rows > 0)
+    return sum(rows_per_expert) / max(used, 1)
 
 
 def sorted_experts_feed_forward(
@@ -381,19 +473,31 @@ def sorted_experts_feed_forward(
 ) -> torch.Tensor:
     """The experts' feed-forward networks on rows taken in expert order, ungated: (n, h).
 
-    The matrix-product part of "sorted_mm", between the grouping by expert and the combine back to row order.
+    The matrix-product part of "sorted_mm", between the grouping by expert and the combine back to row order: on
+    switch_hf's fused kernel where it runs (`_expert_kernel_runs`; in training, for experts of at most
+    `KERNEL_TRAINING_MAX_ROWS_PER_EXPERT` rows on average), else on torch's products.
 
     Args:
         hidden_states: (p, h).
         rows_per_expert: how many of the n sorted rows each expert has, in expert order.
         rows: (n,) the row of `hidden_states` at each sorted position; None when `hidden_states` is already sorted.
     """
-    kernel = _expert_kernel_for(self, hidden_states)
-    if kernel is None:
+    if not _expert_kernel_runs(self, hidden_states):
+        return _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)
+    needs_gradients = _needs_gradients(self, hidden_states)
+    if needs_gradients and _rows_per_used_expert(rows_per_expert) > KERNEL_TRAINING_MAX_ROWS_PER_EXPERT:
         return _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)
     if rows is None:
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-    return _run_expert_kernel(kernel, self, hidden_states, rows, rows_per_expert)
+    up_bias, down_bias = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
+    weights = (self.up_proj, up_bias, self.down_proj, down_bias)
+    if needs_gradients:
+        return _ExpertNetworksOnKernel.apply(
+            hidden_states.contiguous(), rows, *weights, rows_per_expert, self.kernel_activation
+        )
+    return torch.ops.switch_hf.expert_feed_forward(
+        hidden_states.contiguous(), rows, rows_per_expert, *weights, self.kernel_activation
+    )
 
 
 def _experts_on_torch_products(
@@ -419,49 +523,44 @@ def _experts_on_torch_products(
     return expert_output
 
 
-def _run_expert_kernel(
-    kernel, experts: nn.Module, hidden_states: torch.Tensor, rows: torch.Tensor, rows_per_expert: list[int], gate=None
-) -> torch.Tensor:
-    """The experts' networks on switch_hf's fused kernel: the (n, h) outputs of `hidden_states[rows]` in that order;
-    with `gate` (n,) and distinct rows, the gated outputs back in row order, (p, h), zero for rows not in `rows`."""
-    up_bias, down_bias = (experts.up_proj_bias, experts.down_proj_bias) if experts.has_bias else (None, None)
-    weights = (experts.up_proj, up_bias, experts.down_proj, down_bias)
-    return kernel(hidden_states.contiguous(), rows, rows_per_expert, *weights, experts.kernel_activation, gate)
+def _expert_weights(experts: nn.Module) -> list[torch.Tensor]:
+    weights = [experts.up_proj, experts.down_proj]
+    return weights + [experts.up_proj_bias, experts.down_proj_bias] if experts.has_bias else weights
 
 
-def _expert_kernel_for(experts: nn.Module, hidden_states: torch.Tensor):
-    """`torch.ops.switch_hf.expert_feed_forward` where switch_hf's fused kernel can run these experts on these rows,
-    else None.
+def _needs_gradients(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
+    tensors = [hidden_states, *_expert_weights(experts)]
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
+def _expert_kernel_runs(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether switch_hf's fused kernel (`torch.ops.switch_hf`) can run these experts on these rows.
 
     The `switch_hf` package builds and registers the kernel when imported, on CPUs with AVX-512 (`expert_kernel.py`).
-    It computes no gradients, and runs float32 [`SwitchExperts`] on the CPU, outside autocast, with a GELU or ReLU
-    activation (`kernel_activation`), no active expert dropout and contiguous plain-tensor weights; everything else
-    (a model loaded with `trust_remote_code` alone among them) runs on torch.
+    It runs float32 [`SwitchExperts`] on the CPU, outside autocast, with a GELU or ReLU activation
+    (`kernel_activation`), no active expert dropout and contiguous plain-tensor weights, with or without autograd
+    (its backward runs on torch's products); everything else (a model loaded with `trust_remote_code` alone among
+    them) runs on torch.
     """
-    kernel = getattr(torch.ops.switch_hf, "expert_feed_forward", None) if use_expert_kernel else None
-    if kernel is None or getattr(experts, "kernel_activation", None) is None:
-        return None
+    if not use_expert_kernel or not hasattr(torch.ops.switch_hf, "expert_feed_forward_with_inner"):
+        return False
+    if getattr(experts, "kernel_activation", None) is None:
+        return False
     if experts.has_gate or experts.is_transposed or experts.has_post_expert_norm:
-        return None
+        return False
     if experts.training and experts.act_fn[-1].p > 0:  # `act_fn` ends with the expert dropout
-        return None
+        return False
     # Autocast would run the products in its lower precision; the kernel computes in float32 only.
     if torch.is_autocast_enabled("cpu"):
-        return None
-    weights = [experts.up_proj, experts.down_proj]
-    if experts.has_bias:
-        weights += [experts.up_proj_bias, experts.down_proj_bias]
+        return False
+    weights = _expert_weights(experts)
     tensors = [hidden_states, *weights]
     if any(tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in tensors):
-        return None
+        return False
     # Plain tensors only (not DTensor shards nor other subclasses), with the weights laid out as the kernel reads them.
     if any(type(tensor) not in (torch.Tensor, nn.Parameter) for tensor in tensors):
-        return None
-    if not all(weight.is_contiguous() for weight in weights):
-        return None
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        return None
-    return kernel
+        return False
+    return all(weight.is_contiguous() for weight in weights)
 
 
 def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

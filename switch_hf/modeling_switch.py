@@ -302,8 +302,8 @@ def sorted_linear_backward(
     grad_output = grad_output.contiguous()
     grad_input, input_grad_in_loop = None, needs_input_grad
     if needs_input_grad:
-        expert_matmul = getattr(torch.ops.switch_hf, "expert_matmul", None) if use_expert_kernel else None
-        if expert_matmul is not None and grad_output.device.type == "cpu" and grad_output.dtype == weight.dtype:
+        expert_matmul = _expert_matmul_for(grad_output, weight)
+        if expert_matmul is not None:
             # The same products with the experts split between threads (`expert_kernel.cpp`), where switch_hf is built.
             weight_by_rows = weight.transpose(1, 2) if is_transposed else weight  # (e, out, in)
             grad_input, input_grad_in_loop = expert_matmul(grad_output, weight_by_rows, rows_per_expert), False
@@ -338,6 +338,17 @@ def sorted_linear_backward(
         if expert_grad_bias is not None:
             torch.sum(expert_grad_output, dim=0, out=expert_grad_bias)
     return grad_input, grad_weight, grad_bias
+
+
+def _expert_matmul_for(*tensors: torch.Tensor):
+    """`torch.ops.switch_hf.expert_matmul` where switch_hf's kernel ops are registered and take these tensors, else
+    None: plain CPU tensors (not DTensor shards nor other subclasses, which the op cannot dispatch) of one dtype."""
+    expert_matmul = getattr(torch.ops.switch_hf, "expert_matmul", None) if use_expert_kernel else None
+    if expert_matmul is None or len({tensor.dtype for tensor in tensors}) > 1:
+        return None
+    if any(type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.device.type != "cpu" for tensor in tensors):
+        return None
+    return expert_matmul
 
 
 class _ExpertNetworksOnKernel(torch.autograd.Function):

@@ -173,20 +173,26 @@ void register_tile_for(const Product& p, int64_t m0, int64_t rows, int64_t n0, c
 // The whole product on the calling thread: each block of weight rows against every row, so that the block stays in
 // L1 while all the row tiles use it and the weight is read from memory once.
 void multiply(const Product& p) {
-  constexpr int64_t tile_rows = kRowsPerVector * kMaxVectors;
+  // The rows' vectors spread evenly over as few register tiles as hold them (5 vectors: 3 + 2, not 4 + 1): a tile of
+  // one vector has 6 accumulators, too few to keep both FMA units busy (about 1% at 32 experts, none elsewhere).
+  const int64_t num_vectors = (p.m + kRowsPerVector - 1) / kRowsPerVector;
+  const int64_t num_tiles = (num_vectors + kMaxVectors - 1) / kMaxVectors;
+  const auto first_row = [&](int64_t tile) { return kRowsPerVector * (num_vectors * tile / num_tiles); };
   for (int64_t n0 = 0; n0 < p.N; n0 += kWeightRows) {
     if (n0 + kWeightRows > p.N) {  // the last few weight rows, when N is not a multiple of kWeightRows
       for (int64_t n = n0; n < p.N; ++n) {
-        for (int64_t m0 = 0; m0 < p.m; m0 += tile_rows) {
-          register_tile_for<1>(p, m0, std::min(tile_rows, p.m - m0), n, nullptr, 0);
+        for (int64_t tile = 0; tile < num_tiles; ++tile) {
+          const int64_t m0 = first_row(tile);
+          register_tile_for<1>(p, m0, std::min(p.m, first_row(tile + 1)) - m0, n, nullptr, 0);
         }
       }
       break;
     }
     const int next_rows = (int)std::clamp<int64_t>(p.N - n0 - kWeightRows, 0, kWeightRows);
-    for (int64_t m0 = 0; m0 < p.m; m0 += tile_rows) {
-      const bool prefetches = m0 == 0 && next_rows > 0;
-      register_tile_for<kWeightRows>(p, m0, std::min(tile_rows, p.m - m0), n0,
+    for (int64_t tile = 0; tile < num_tiles; ++tile) {
+      const int64_t m0 = first_row(tile);
+      const bool prefetches = tile == 0 && next_rows > 0;
+      register_tile_for<kWeightRows>(p, m0, std::min(p.m, first_row(tile + 1)) - m0, n0,
                                      prefetches ? p.weight + (n0 + kWeightRows) * p.K : nullptr,
                                      prefetches ? next_rows : 0);
     }

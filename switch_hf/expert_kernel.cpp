@@ -316,11 +316,26 @@ void check_float_cpu_contiguous(const at::Tensor& tensor, const char* name, int6
   TORCH_CHECK(tensor.is_contiguous(), "expert_feed_forward: ", name, " must be contiguous");
 }
 
-// Checks the arguments both ops share, naming the one at fault; returns the number of sorted rows,
-// sum(rows_per_expert).
-int64_t check_experts_arguments(const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert,
-                                const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                                const std::optional<at::Tensor>& down_bias) {
+// Where each expert's rows begin among the sorted rows, and where the last expert's end: the (num_experts + 1) prefix
+// sums of rows_per_expert, which must have one entry per expert, none negative.
+std::vector<int64_t> expert_offsets(c10::IntArrayRef rows_per_expert, int64_t num_experts, const char* op) {
+  TORCH_CHECK((int64_t)rows_per_expert.size() == num_experts, op, ": rows_per_expert must have ", num_experts,
+              " entries, got ", rows_per_expert.size());
+  std::vector<int64_t> offsets(num_experts + 1, 0);
+  for (int64_t expert = 0; expert < num_experts; ++expert) {
+    TORCH_CHECK(rows_per_expert[expert] >= 0, op, ": rows_per_expert must not be negative, got ",
+                rows_per_expert[expert]);
+    offsets[expert + 1] = offsets[expert] + rows_per_expert[expert];
+  }
+  return offsets;
+}
+
+// Checks the arguments both feed-forward ops share, naming the one at fault; returns `expert_offsets`, whose last
+// entry is the number of sorted rows.
+std::vector<int64_t> check_experts_arguments(const at::Tensor& input, const at::Tensor& row_index,
+                                             c10::IntArrayRef rows_per_expert, const at::Tensor& up,
+                                             const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
+                                             const std::optional<at::Tensor>& down_bias) {
   check_float_cpu_contiguous(input, "input", 2);
   check_float_cpu_contiguous(up, "up", 3);
   check_float_cpu_contiguous(down, "down", 3);
@@ -340,15 +355,10 @@ int64_t check_experts_arguments(const at::Tensor& input, const at::Tensor& row_i
     TORCH_CHECK(down_bias->size(0) == num_experts && down_bias->size(1) == hidden,
                 "expert_feed_forward: down_bias must be (", num_experts, ", ", hidden, "), got ", down_bias->sizes());
   }
-  TORCH_CHECK((int64_t)rows_per_expert.size() == num_experts, "expert_feed_forward: rows_per_expert must have ",
-              num_experts, " entries, got ", rows_per_expert.size());
+  std::vector<int64_t> offsets = expert_offsets(rows_per_expert, num_experts, "expert_feed_forward");
   TORCH_CHECK(row_index.dim() == 1 && row_index.scalar_type() == at::kLong && row_index.is_contiguous(),
               "expert_feed_forward: row_index must be a contiguous 1-D int64 tensor");
-  int64_t total_rows = 0;
-  for (const int64_t rows : rows_per_expert) {
-    TORCH_CHECK(rows >= 0, "expert_feed_forward: rows_per_expert must not be negative, got ", rows);
-    total_rows += rows;
-  }
+  const int64_t total_rows = offsets.back();
   TORCH_CHECK(row_index.size(0) == total_rows, "expert_feed_forward: row_index must have sum(rows_per_expert) = ",
               total_rows, " entries, got ", row_index.size(0));
   if (total_rows > 0) {
@@ -356,7 +366,7 @@ int64_t check_experts_arguments(const at::Tensor& input, const at::Tensor& row_i
     TORCH_CHECK(lowest.item<int64_t>() >= 0 && highest.item<int64_t>() < input.size(0),
                 "expert_feed_forward: row_index must lie in [0, ", input.size(0), ")");
   }
-  return total_rows;
+  return offsets;
 }
 
 // Where the tiles' results go. `output` receives the sorted rows' outputs (n, h), or, with `gate`, the gated outputs
@@ -369,10 +379,10 @@ struct Destination {
   float* activation;
 };
 
-void run_experts(const at::Tensor& input, const int64_t* row_index, c10::IntArrayRef rows_per_expert,
+// Runs the networks on the sorted rows, expert e's at positions first_position[e] .. first_position[e + 1].
+void run_experts(const at::Tensor& input, const int64_t* row_index, const std::vector<int64_t>& first_position,
                  const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
-                 const std::optional<at::Tensor>& down_bias, Activation activation, int64_t total_rows,
-                 const Destination& destination) {
+                 const std::optional<at::Tensor>& down_bias, Activation activation, const Destination& destination) {
   const int64_t num_experts = up.size(0), intermediate = up.size(1), hidden = up.size(2);
   const float* input_data = input.data_ptr<float>();
   const float* up_data = up.data_ptr<float>();
@@ -380,10 +390,7 @@ void run_experts(const at::Tensor& input, const int64_t* row_index, c10::IntArra
   const float* up_bias_data = up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr;
   const float* down_bias_data = down_bias.has_value() ? down_bias->data_ptr<float>() : nullptr;
   const bool exports_inner = destination.pre_activation != nullptr;
-  std::vector<int64_t> first_position(num_experts + 1, 0);
-  for (int64_t expert = 0; expert < num_experts; ++expert) {
-    first_position[expert + 1] = first_position[expert] + rows_per_expert[expert];
-  }
+  const int64_t total_rows = first_position.back();
 
   // Each thread takes an equal share of the sorted rows, so that they all finish together however the experts are
   // loaded, and runs it in tiles of one expert's rows: every product runs on one thread, on buffers that stay in its
@@ -436,8 +443,9 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
                                const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
                                const std::optional<at::Tensor>& down_bias, const std::string& activation_name,
                                const std::optional<at::Tensor>& gate) {
-  const int64_t total_rows =
+  const std::vector<int64_t> offsets =
       check_experts_arguments(input, row_index, rows_per_expert, up, up_bias, down, down_bias);
+  const int64_t total_rows = offsets.back();
   const Activation activation = parse_activation(activation_name);
   const int64_t* row_index_data = row_index.data_ptr<int64_t>();
   if (gate.has_value()) {
@@ -454,7 +462,7 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
   at::Tensor output = !gate.has_value()              ? at::empty({total_rows, input.size(1)}, input.options())
                       : total_rows == input.size(0) ? at::empty_like(input)  // every row written once
                                                     : at::zeros_like(input);
-  run_experts(input, row_index_data, rows_per_expert, up, up_bias, down, down_bias, activation, total_rows,
+  run_experts(input, row_index_data, offsets, up, up_bias, down, down_bias, activation,
               Destination{output.data_ptr<float>(), gate.has_value() ? gate->data_ptr<float>() : nullptr, nullptr,
                           nullptr});
   return output;
@@ -466,14 +474,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_feed_forward_with_inner(
     const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert, const at::Tensor& up,
     const std::optional<at::Tensor>& up_bias, const at::Tensor& down, const std::optional<at::Tensor>& down_bias,
     const std::string& activation_name) {
-  const int64_t total_rows =
+  const std::vector<int64_t> offsets =
       check_experts_arguments(input, row_index, rows_per_expert, up, up_bias, down, down_bias);
+  const int64_t total_rows = offsets.back();
   const Activation activation = parse_activation(activation_name);
   at::Tensor output = at::empty({total_rows, input.size(1)}, input.options());
   at::Tensor pre_activation = at::empty({total_rows, up.size(1)}, input.options());
   at::Tensor activated = at::empty({total_rows, up.size(1)}, input.options());
-  run_experts(input, row_index.data_ptr<int64_t>(), rows_per_expert, up, up_bias, down, down_bias, activation,
-              total_rows,
+  run_experts(input, row_index.data_ptr<int64_t>(), offsets, up, up_bias, down, down_bias, activation,
               Destination{output.data_ptr<float>(), nullptr, pre_activation.data_ptr<float>(),
                           activated.data_ptr<float>()});
   return {output, pre_activation, activated};
@@ -495,17 +503,9 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
   TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
               "expert_matmul: input and weight must be on the CPU");
   const int64_t num_experts = weight.size(0);
-  TORCH_CHECK((int64_t)rows_per_expert.size() == num_experts, "expert_matmul: rows_per_expert must have ",
-              num_experts, " entries, got ", rows_per_expert.size());
-  std::vector<int64_t> first_row(num_experts + 1, 0);
-  int64_t most_rows = 0;
-  for (int64_t expert = 0; expert < num_experts; ++expert) {
-    TORCH_CHECK(rows_per_expert[expert] >= 0, "expert_matmul: rows_per_expert must not be negative, got ",
-                rows_per_expert[expert]);
-    first_row[expert + 1] = first_row[expert] + rows_per_expert[expert];
-    most_rows = std::max(most_rows, rows_per_expert[expert]);
-  }
-  const int64_t total_rows = first_row[num_experts];
+  const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, num_experts, "expert_matmul");
+  const int64_t total_rows = first_row.back();
+  const int64_t most_rows = num_experts > 0 ? *std::max_element(rows_per_expert.begin(), rows_per_expert.end()) : 0;
   TORCH_CHECK(input.size(0) == total_rows, "expert_matmul: input must have sum(rows_per_expert) = ", total_rows,
               " rows, got ", input.size(0));
 

@@ -341,14 +341,17 @@ def sorted_linear_backward(
 
 
 def _expert_matmul_for(*tensors: torch.Tensor):
-    """`torch.ops.switch_hf.expert_matmul` where switch_hf's kernel ops are registered and take these tensors, else
-    None: plain CPU tensors (not DTensor shards nor other subclasses, which the op cannot dispatch) of one dtype."""
+    """`torch.ops.switch_hf.expert_matmul` where switch_hf's kernel ops are registered and take these tensors (plain,
+    on the CPU, of one dtype), else None."""
     expert_matmul = getattr(torch.ops.switch_hf, "expert_matmul", None) if use_expert_kernel else None
-    if expert_matmul is None or len({tensor.dtype for tensor in tensors}) > 1:
-        return None
-    if any(type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.device.type != "cpu" for tensor in tensors):
+    if expert_matmul is None or len({tensor.dtype for tensor in tensors}) > 1 or not _plain_cpu(tensors):
         return None
     return expert_matmul
+
+
+def _plain_cpu(tensors) -> bool:
+    """Plain tensors on the CPU: not DTensor shards nor other subclasses, whose dispatch switch_hf's ops do not know."""
+    return all(type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type == "cpu" for tensor in tensors)
 
 
 class _ExpertNetworksOnKernel(torch.autograd.Function):
@@ -453,11 +456,9 @@ def sorted_mm_experts_forward(
     if top_k == 1 and _expert_kernel_runs(self, hidden_states) and not _needs_gradients(self, hidden_states):
         # Each row runs at most once, so the kernel also gates each output and writes it back to its row: the combine.
         gate = top_k_weights.reshape(-1)[order].float()
-        up_bias, down_bias = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
         expert_output = torch.ops.switch_hf.expert_feed_forward(
-            hidden_states.contiguous(), rows, rows_per_expert, self.up_proj, up_bias, self.down_proj, down_bias,
-            self.kernel_activation, gate,
-        )  # fmt: skip
+            hidden_states.contiguous(), rows, rows_per_expert, *_kernel_weights(self), self.kernel_activation, gate
+        )
         return expert_output.to(hidden_states.dtype)
     expert_output = sorted_experts_feed_forward(self, hidden_states, rows_per_expert, rows)  # (n, h)
     return combine_expert_outputs(expert_output, order, top_k_weights).to(hidden_states.dtype)
@@ -500,8 +501,7 @@ def sorted_experts_feed_forward(
         return _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)
     if rows is None:
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-    up_bias, down_bias = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
-    weights = (self.up_proj, up_bias, self.down_proj, down_bias)
+    weights = _kernel_weights(self)
     if needs_gradients:
         return _ExpertNetworksOnKernel.apply(
             hidden_states.contiguous(), rows, *weights, rows_per_expert, self.kernel_activation
@@ -534,9 +534,15 @@ def _experts_on_torch_products(
     return expert_output
 
 
+def _kernel_weights(experts: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """(up, up_bias, down, down_bias) as the kernel ops take them, the biases None when the experts have none."""
+    if experts.has_bias:
+        return experts.up_proj, experts.up_proj_bias, experts.down_proj, experts.down_proj_bias
+    return experts.up_proj, None, experts.down_proj, None
+
+
 def _expert_weights(experts: nn.Module) -> list[torch.Tensor]:
-    weights = [experts.up_proj, experts.down_proj]
-    return weights + [experts.up_proj_bias, experts.down_proj_bias] if experts.has_bias else weights
+    return [weight for weight in _kernel_weights(experts) if weight is not None]
 
 
 def _needs_gradients(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
@@ -566,12 +572,9 @@ def _expert_kernel_runs(experts: nn.Module, hidden_states: torch.Tensor) -> bool
         return False
     weights = _expert_weights(experts)
     tensors = [hidden_states, *weights]
-    if any(tensor.device.type != "cpu" or tensor.dtype != torch.float32 for tensor in tensors):
+    if not _plain_cpu(tensors) or any(tensor.dtype != torch.float32 for tensor in tensors):
         return False
-    # Plain tensors only (not DTensor shards nor other subclasses), with the weights laid out as the kernel reads them.
-    if any(type(tensor) not in (torch.Tensor, nn.Parameter) for tensor in tensors):
-        return False
-    return all(weight.is_contiguous() for weight in weights)
+    return all(weight.is_contiguous() for weight in weights)  # laid out as the kernel reads them
 
 
 def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,9 @@ def test_kernel_with_inner_also_returns_the_inner_values(threads, activation, hi
 
 
 @pytest.mark.parametrize(
-    "rows_per_expert", [ROWS_PER_EXPERT, [0, 3, 900, 2, 0]], ids=["experts-split-between-threads", "one-expert-dominates"]
+    "rows_per_expert",
+    [ROWS_PER_EXPERT, [0, 3, 900, 2, 0]],
+    ids=["experts-split-between-threads", "one-expert-dominates"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_matmul_matches_one_product_per_expert(threads, rows_per_expert, dtype):
@@ -162,10 +164,11 @@ def test_no_rows_gives_an_empty_output():
 # --- where sorted_mm runs on it -------------------------------------------------------------------------------------
 
 
-def kernel_calls(forward) -> int:
+def kernel_calls(run, op: str = "expert_feed_forward") -> int:
+    """How many times `run()` calls `torch.ops.switch_hf.<op>`."""
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        forward()
-    return sum(event.count for event in profiler.key_averages() if event.key == "switch_hf::expert_feed_forward")
+        run()
+    return sum(event.count for event in profiler.key_averages() if event.key == f"switch_hf::{op}")
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -201,12 +204,13 @@ def test_model_training_runs_its_forward_on_the_kernel_with_the_same_loss_and_gr
     input_ids = torch.randint(1, TINY_VOCAB, (3, 40))
     labels = torch.where(torch.rand(input_ids.shape) < 0.3, input_ids, -100)
 
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        loss, gradients = training_step(model, input_ids, labels)
-    calls = sum(
-        event.count for event in profiler.key_averages() if event.key == "switch_hf::expert_feed_forward_with_inner"
-    )
-    assert calls == config.num_switch_layers
+    steps = []
+
+    def run_step():
+        steps.append(training_step(model, input_ids, labels))
+
+    assert kernel_calls(run_step, "expert_feed_forward_with_inner") == config.num_switch_layers
+    loss, gradients = steps[0]
     modeling_switch.use_expert_kernel = False
     try:
         expected_loss, expected_gradients = training_step(model, input_ids, labels)
@@ -233,12 +237,7 @@ def test_training_forward_runs_on_the_kernel_only_for_experts_with_few_rows(rows
     def forward_and_backward():
         modeling_switch.sorted_experts_feed_forward(experts, rows, rows_per_expert).sum().backward()
 
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        forward_and_backward()
-    calls = sum(
-        event.count for event in profiler.key_averages() if event.key == "switch_hf::expert_feed_forward_with_inner"
-    )
-    assert calls == int(on_kernel)
+    assert kernel_calls(forward_and_backward, "expert_feed_forward_with_inner") == int(on_kernel)
 
 
 def test_kernel_is_not_used_where_it_cannot_run():

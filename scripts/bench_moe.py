@@ -316,11 +316,10 @@ def contenders(args, num_experts: int, inputs: torch.Tensor):
         found[f"switch-hf/{implementation}"] = (block, run_block, list(block.parameters()))
         if implementation == "sorted_mm" and expert_kernel.is_registered():
 
-            def run_block_on_torch_products():
-                block.experts.config._experts_implementation = "sorted_mm"
+            def run_block_on_torch_products(run_sorted_mm=run_block):
                 modeling_switch.use_expert_kernel = False
                 try:
-                    return block(inputs, token_mask)[0]
+                    return run_sorted_mm()
                 finally:
                     modeling_switch.use_expert_kernel = True
 

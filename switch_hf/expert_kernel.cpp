@@ -22,7 +22,9 @@
 //
 // Layout: the tile's rows lie along the vector lanes (16 rows of one feature per vector), "transposed": a product
 // keeps up to 4 row vectors x 6 weight rows of results in registers, needs one broadcast weight value per weight row
-// and step of k, and stores whole vectors of one output feature.
+// and step of k, and stores whole vectors of one output feature. A tile's last few rows (m % 16, up to 10) would
+// leave most of one more vector's lanes idle; they run as rows instead, the features along the lanes, each result a
+// sum across one vector, on each block of weight rows while it is in L1 for the transposed rows.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,6 +41,8 @@ constexpr int kRowsPerVector = 16;
 constexpr int kMaxVectors = 4;  // a register tile covers up to 64 rows
 constexpr int kWeightRows = 6;  // weight rows per register tile: 4 x 6 accumulators + 4 row vectors + 1 broadcast
 constexpr int64_t kTileRows = 128;  // rows per work item
+constexpr int64_t kMaxTailRows = 10;  // a tile's last m % 16 rows run as rows if at most this many (each costs about
+                                      // 1.5 lanes there), else in one more, partly empty, row vector
 constexpr int64_t kMergedRestRows = 32;  // a work item has at most kTileRows + kMergedRestRows - 1 rows, whose
                                          // buffers (1.5 MB at h 384, intermediate 1,536) fit in L2
 
@@ -99,8 +103,10 @@ inline __mmask16 first_lanes(int64_t count) {
   return count >= kRowsPerVector ? (__mmask16)0xFFFF : (count > 0 ? (__mmask16)((1u << count) - 1) : (__mmask16)0);
 }
 
-// One product in transposed form: out_t (N, m) = activation(weight (N, K) @ input_t (K, m) + bias[:, None]).
-// input_t and out_t have row stride `stride` (>= m); weight is contiguous.
+// One product, out = activation(input @ weight.T + bias) for weight (N, K), contiguous, on two sets of rows:
+// - m rows in transposed form, input_t (K, m) -> out_t (N, m), both with row stride `stride` (>= m), m a multiple of
+//   16 unless it is the whole tile;
+// - `tail_rows` (at most kMaxTailRows) more, as rows: tail_input[r] (K,) -> tail_out (tail_rows, N), row-major.
 struct Product {
   const float* input_t;
   const float* weight;
@@ -108,6 +114,9 @@ struct Product {
   float* out_t;
   int64_t stride, m, K, N;
   Activation activation;
+  int64_t tail_rows;
+  const float* const* tail_input;
+  float* tail_out;
 };
 
 // out_t[n0 + j, m0 + r] for j < NB and r < rows, MV row vectors (the lanes beyond `rows` are masked). While it
@@ -170,8 +179,115 @@ void register_tile_for(const Product& p, int64_t m0, int64_t rows, int64_t n0, c
   }
 }
 
+// The horizontal sums of C vectors (C = 8 or 16): lane i of the result is the sum of v[i]'s lanes. Pairwise, as in a
+// transpose: 30 shuffles and 15 adds for 16 sums, where one reduction per vector would take 64 and 64.
+template <int C>
+__attribute__((always_inline)) inline __m512 sum_lanes_of_each(const __m512* v) {
+  static_assert(C == 8 || C == 16, "sums of 8 or 16 vectors");
+  __m512 pairs[C / 2], quads[C / 4], halves[2];
+  for (int i = 0; i < C / 2; ++i) {  // in each 128-bit lane: v[2i]'s two partial sums and v[2i + 1]'s, interleaved
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < C / 4; ++i) {  // in each 128-bit lane: one partial sum of each of v[4i .. 4i + 3]
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < C / 8; ++i) {  // 128-bit lanes 0 + 1 and 2 + 3 of quads[2i], then of quads[2i + 1]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+  }
+  if (C == 8) halves[1] = halves[0];  // lanes 8-15 then repeat lanes 0-7
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
+}
+
+// tail_out[r0 + r, n0 + j] = input row r0 + r . weight row n0 + j, for r < R and j < NB, the rows laid out as rows:
+// the features along the lanes, one accumulator per (row, weight row), summed across its lanes at the end. For a
+// tile's last rows, fewer than a row vector holds: transposed, they would cost a whole vector's 16 lanes. Bias and
+// activation come after, in `finish_tail`, on whole rows.
+template <int R, int NB>
+void tail_tile(const Product& p, int64_t r0, int64_t n0) {
+  // Summed in groups of 16 accumulators, the last of 8 where no more remain: room for them all, the rest zero.
+  constexpr int kCount = R * NB, kRoom = kCount <= 8 ? 8 : (kCount <= 16 ? 16 : 24);
+  static_assert(kCount <= 24, "a tail tile has at most 24 accumulators");
+  __m512 acc[kRoom];
+#pragma GCC unroll 64
+  for (int i = 0; i < kRoom; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t K = p.K;
+  const float* __restrict block = p.weight + n0 * K;
+  const float* __restrict rows[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) rows[r] = p.tail_input[r0 + r];
+  const int64_t whole_steps_end = K - K % kRowsPerVector;
+  const __mmask16 last_step_lanes = first_lanes(K - whole_steps_end);
+  for (int64_t k = 0; k < K; k += kRowsPerVector) {
+    const __mmask16 valid = k < whole_steps_end ? (__mmask16)0xFFFF : last_step_lanes;
+    __m512 features[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) features[r] = _mm512_maskz_loadu_ps(valid, rows[r] + k);
+#pragma GCC unroll 64
+    for (int j = 0; j < NB; ++j) {
+      const __m512 w = _mm512_maskz_loadu_ps(valid, block + j * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r * NB + j] = _mm512_fmadd_ps(features[r], w, acc[r * NB + j]);
+    }
+  }
+
+  // sums[g] lane i = accumulator 16 g + i. Copied by constant indices: `acc` itself must not have its address taken,
+  // or it stops living in registers.
+  __m512 sums[2], group[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) group[i] = i < kRoom ? acc[i] : _mm512_setzero_ps();
+  sums[0] = kRoom == 8 ? sum_lanes_of_each<8>(group) : sum_lanes_of_each<16>(group);
+  if constexpr (kRoom == 24) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) group[i] = acc[16 + i];
+    sums[1] = sum_lanes_of_each<8>(group);
+  }
+  // Row r's accumulators r NB .. r NB + NB go out in one masked store per group they lie in, at an address shifted so
+  // that each lane lands on its weight row.
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int group = (r * NB) / 16; group <= (r * NB + NB - 1) / 16; ++group) {
+      const int lane_begin = std::max(r * NB - 16 * group, 0), lane_end = std::min(r * NB + NB - 16 * group, 16);
+      const __mmask16 lanes = (__mmask16)(((1u << lane_end) - 1) & ~((1u << lane_begin) - 1));
+      _mm512_mask_storeu_ps(p.tail_out + (r0 + r) * p.N + n0 - (r * NB - 16 * group), lanes, sums[group]);
+    }
+  }
+}
+
+// Every tail row against weight rows n0 .. n0 + NB, in tiles of as few rows as 4 x NB accumulators allow, spread
+// evenly (5 rows: 3 + 2, not 4 + 1, whose tile of 1 x 6 accumulators cannot keep both FMA units busy).
+template <int NB>
+void tail_tiles(const Product& p, int64_t n0) {
+  const int64_t num_tiles = (p.tail_rows + 3) / 4;
+  for (int64_t tile = 0; tile < num_tiles; ++tile) {
+    const int64_t r0 = p.tail_rows * tile / num_tiles, r1 = p.tail_rows * (tile + 1) / num_tiles;
+    switch (r1 - r0) {
+      case 4: tail_tile<4, NB>(p, r0, n0); break;
+      case 3: tail_tile<3, NB>(p, r0, n0); break;
+      case 2: tail_tile<2, NB>(p, r0, n0); break;
+      default: tail_tile<1, NB>(p, r0, n0);
+    }
+  }
+}
+
+// The tail rows' bias and activation, once their sums are all in: tail_out[r] = activation(tail_out[r] + bias).
+void finish_tail(const Product& p) {
+  for (int64_t r = 0; r < p.tail_rows; ++r) {
+    float* row = p.tail_out + r * p.N;
+    for (int64_t n = 0; n < p.N; n += kRowsPerVector) {
+      const __mmask16 valid = first_lanes(p.N - n);
+      __m512 values = _mm512_maskz_loadu_ps(valid, row + n);
+      if (p.bias) values = _mm512_add_ps(values, _mm512_maskz_loadu_ps(valid, p.bias + n));
+      _mm512_mask_storeu_ps(row + n, valid, activate(p.activation, values));
+    }
+  }
+}
+
 // The whole product on the calling thread: each block of weight rows against every row, so that the block stays in
-// L1 while all the row tiles use it and the weight is read from memory once.
+// L1 while all the row tiles (the tail's too) use it and the weight is read from memory once.
 void multiply(const Product& p) {
   // The rows' vectors spread evenly over as few register tiles as hold them (5 vectors: 3 + 2, not 4 + 1): a tile of
   // one vector has 6 accumulators, too few to keep both FMA units busy (about 1% at 32 experts, none elsewhere).
@@ -185,6 +301,7 @@ void multiply(const Product& p) {
           const int64_t m0 = first_row(tile);
           register_tile_for<1>(p, m0, std::min(p.m, first_row(tile + 1)) - m0, n, nullptr, 0);
         }
+        tail_tiles<1>(p, n);
       }
       break;
     }
@@ -196,7 +313,9 @@ void multiply(const Product& p) {
                                      prefetches ? p.weight + (n0 + kWeightRows) * p.K : nullptr,
                                      prefetches ? next_rows : 0);
     }
+    tail_tiles<kWeightRows>(p, n0);
   }
+  finish_tail(p);
 }
 
 // In-register transpose of a 16 x 16 block: block[i] holds row i on entry and column i on return.
@@ -246,8 +365,16 @@ void gather_columns(const float* input, const int64_t* row_index, int64_t m, int
   }
 }
 
-// The m rows of a result <- columns (width, >= m), row stride `stride`. Row i goes to `rows_out + i * width`, or, with
-// `destination`, to `rows_out + destination[i] * width` scaled by `scale[i]`.
+// Features k0 .. k0 + count of a result's row i: to `rows_out + i * width`, or, with `destination`, to
+// `rows_out + destination[i] * width` scaled by `scale[i]`.
+inline void store_result(__m512 values, int64_t i, int64_t k0, int64_t count, int64_t width, float* rows_out,
+                         const int64_t* destination, const float* scale) {
+  const int64_t row = destination ? destination[i] : i;
+  if (destination) values = _mm512_mul_ps(values, _mm512_set1_ps(scale[i]));
+  _mm512_mask_storeu_ps(rows_out + row * width + k0, first_lanes(count), values);
+}
+
+// The m rows of a result <- columns (width, >= m), row stride `stride`, stored as `store_result` does.
 void rows_from_columns(const float* columns, int64_t stride, int64_t m, int64_t width, float* rows_out,
                        const int64_t* destination, const float* scale) {
   __m512 block[16];
@@ -260,11 +387,19 @@ void rows_from_columns(const float* columns, int64_t stride, int64_t m, int64_t 
                                 : _mm512_setzero_ps();
       }
       transpose_16x16(block);
-      for (int i = 0; i < rows; ++i) {
-        const int64_t row = destination ? destination[r0 + i] : r0 + i;
-        const __m512 values = destination ? _mm512_mul_ps(block[i], _mm512_set1_ps(scale[r0 + i])) : block[i];
-        _mm512_mask_storeu_ps(rows_out + row * width + k0, first_lanes(features), values);
-      }
+      for (int i = 0; i < rows; ++i) store_result(block[i], r0 + i, k0, features, width, rows_out, destination, scale);
+    }
+  }
+}
+
+// The same from the m rows of a result laid out as rows (m, width), contiguous.
+void rows_from_rows(const float* rows, int64_t m, int64_t width, float* rows_out, const int64_t* destination,
+                    const float* scale) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t k0 = 0; k0 < width; k0 += kRowsPerVector) {
+      const int64_t features = std::min<int64_t>(kRowsPerVector, width - k0);
+      store_result(_mm512_maskz_loadu_ps(first_lanes(features), rows + i * width + k0), i, k0, features, width,
+                   rows_out, destination, scale);
     }
   }
 }
@@ -305,6 +440,19 @@ void activate_and_export(float* inner_t, int64_t stride, int64_t m, int64_t widt
         store_for_later(activation_rows + (r0 + i) * width + k0, features, activated[i]);
       }
     }
+  }
+}
+
+// The same for a tile's tail rows, whose first-product results are laid out as rows (m, width), contiguous.
+void activate_rows_and_export(float* inner, int64_t m, int64_t width, Activation activation,
+                              float* pre_activation_rows, float* activation_rows) {
+  for (int64_t i = 0; i < m * width; i += kRowsPerVector) {  // rows of whole vectors or not, all in one sweep
+    const int64_t count = std::min<int64_t>(kRowsPerVector, m * width - i);
+    const __m512 pre = _mm512_maskz_loadu_ps(first_lanes(count), inner + i);
+    const __m512 activated = activate(activation, pre);
+    _mm512_mask_storeu_ps(inner + i, first_lanes(count), activated);
+    store_for_later(pre_activation_rows + i, count, pre);
+    store_for_later(activation_rows + i, count, activated);
   }
 }
 
@@ -399,6 +547,10 @@ void run_experts(const at::Tensor& input, const int64_t* row_index, const std::v
   at::parallel_for(0, num_shares, 1, [&](int64_t share_begin, int64_t share_end) {
     constexpr int64_t max_rows = kTileRows + kMergedRestRows - 1;
     std::vector<float> input_t(hidden * max_rows), inner_t(intermediate * max_rows), output_t(hidden * max_rows);
+    std::vector<float> tail_inner(intermediate * kMaxTailRows), tail_output(hidden * kMaxTailRows);
+    const float* tail_input[kMaxTailRows];
+    const float* tail_inner_rows[kMaxTailRows];
+    for (int64_t r = 0; r < kMaxTailRows; ++r) tail_inner_rows[r] = tail_inner.data() + r * intermediate;
     for (int64_t share = share_begin; share < share_end; ++share) {
       const int64_t begin = total_rows * share / num_shares, end = total_rows * (share + 1) / num_shares;
       for (int64_t expert = 0; expert < num_experts; ++expert) {
@@ -409,24 +561,37 @@ void run_experts(const at::Tensor& input, const int64_t* row_index, const std::v
         for (int64_t position = expert_begin; position < expert_end;) {
           const int64_t remaining = expert_end - position;
           const int64_t m = remaining < kTileRows + kMergedRestRows ? remaining : kTileRows;
-          gather_columns(input_data, row_index + position, m, hidden, input_t.data(), m);
+          // The rows beyond the last whole row vector run as rows, unless they nearly fill one.
+          const int64_t tail = m % kRowsPerVector <= kMaxTailRows ? m % kRowsPerVector : 0;
+          const int64_t lanes = m - tail;  // rows run transposed
+          for (int64_t r = 0; r < tail; ++r) tail_input[r] = input_data + row_index[position + lanes + r] * hidden;
+
+          gather_columns(input_data, row_index + position, lanes, hidden, input_t.data(), lanes);
           multiply(Product{input_t.data(), up_data + expert * intermediate * hidden,
-                           up_bias_data ? up_bias_data + expert * intermediate : nullptr, inner_t.data(), m, m,
-                           hidden, intermediate, exports_inner ? Activation::kIdentity : activation});
+                           up_bias_data ? up_bias_data + expert * intermediate : nullptr, inner_t.data(), lanes,
+                           lanes, hidden, intermediate, exports_inner ? Activation::kIdentity : activation, tail,
+                           tail_input, tail_inner.data()});
           if (exports_inner) {
-            activate_and_export(inner_t.data(), m, m, intermediate, activation,
+            activate_and_export(inner_t.data(), lanes, lanes, intermediate, activation,
                                 destination.pre_activation + position * intermediate,
                                 destination.activation + position * intermediate);
+            activate_rows_and_export(tail_inner.data(), tail, intermediate, activation,
+                                     destination.pre_activation + (position + lanes) * intermediate,
+                                     destination.activation + (position + lanes) * intermediate);
           }
           multiply(Product{inner_t.data(), down_data + expert * hidden * intermediate,
-                           down_bias_data ? down_bias_data + expert * hidden : nullptr, output_t.data(), m, m,
-                           intermediate, hidden, Activation::kIdentity});
+                           down_bias_data ? down_bias_data + expert * hidden : nullptr, output_t.data(), lanes, lanes,
+                           intermediate, hidden, Activation::kIdentity, tail, tail_inner_rows, tail_output.data()});
           if (destination.gate) {
-            rows_from_columns(output_t.data(), m, m, hidden, destination.output, row_index + position,
+            rows_from_columns(output_t.data(), lanes, lanes, hidden, destination.output, row_index + position,
                               destination.gate + position);
+            rows_from_rows(tail_output.data(), tail, hidden, destination.output, row_index + position + lanes,
+                           destination.gate + position + lanes);
           } else {
-            rows_from_columns(output_t.data(), m, m, hidden, destination.output + position * hidden, nullptr,
+            rows_from_columns(output_t.data(), lanes, lanes, hidden, destination.output + position * hidden, nullptr,
                               nullptr);
+            rows_from_rows(tail_output.data(), tail, hidden, destination.output + (position + lanes) * hidden,
+                           nullptr, nullptr);
           }
           position += m;
         }
@@ -487,43 +652,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_feed_forward_with_inner(
   return {output, pre_activation, activated};
 }
 
-// output[rows of expert e] = input[rows of expert e] @ weight[e], for `input` (n, in) sorted by expert and `weight`
-// (e, in, out) of any dtype and strides: one BLAS product per expert, as `sorted_mm`'s backward runs them, but with
-// the experts split between torch's threads by their rows, each product on one thread. A BLAS call on the few rows of
-// one expert gains little from a second thread (it mostly waits for the weight to arrive from memory), while two
-// threads on two experts stream two weights at once. Where one expert has more than a thread's share of the rows,
-// the experts run one after the other, each product on every thread.
-at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef rows_per_expert) {
-  TORCH_CHECK(input.dim() == 2 && weight.dim() == 3, "expert_matmul: input must be 2-D and weight 3-D, got shapes ",
-              input.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(input.size(1) == weight.size(1), "expert_matmul: weight must be (e, ", input.size(1), ", out), got ",
-              weight.sizes());
-  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "expert_matmul: input and weight must have one dtype, got ",
-              input.scalar_type(), " and ", weight.scalar_type());
-  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
-              "expert_matmul: input and weight must be on the CPU");
-  const int64_t num_experts = weight.size(0);
-  const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, num_experts, "expert_matmul");
-  const int64_t total_rows = first_row.back();
-  const int64_t most_rows = num_experts > 0 ? *std::max_element(rows_per_expert.begin(), rows_per_expert.end()) : 0;
-  TORCH_CHECK(input.size(0) == total_rows, "expert_matmul: input must have sum(rows_per_expert) = ", total_rows,
-              " rows, got ", input.size(0));
-
-  // Values only, like every op here: detached, a weight that requires gradients is not refused by mm's out= form.
-  const at::Tensor input_values = input.detach(), weight_values = weight.detach();
-  at::Tensor output = at::empty({total_rows, weight.size(2)}, input.options());
-  const auto multiply_experts = [&](int64_t expert_begin, int64_t expert_end) {
-    for (int64_t expert = expert_begin; expert < expert_end; ++expert) {
-      if (rows_per_expert[expert] == 0) continue;
-      at::Tensor expert_output = output.narrow(0, first_row[expert], rows_per_expert[expert]);
-      at::mm_out(expert_output, input_values.narrow(0, first_row[expert], rows_per_expert[expert]),
-                 weight_values[expert]);
-    }
-  };
+// Runs multiply_experts(expert_begin, expert_end) over all experts, split between torch's threads by their rows
+// (first_row: `expert_offsets`), each BLAS product inside on one thread. A BLAS call on the few rows of one expert gains
+// little from a second thread (it mostly waits for its operands to arrive from memory or leave for it), while two
+// threads on two experts stream two at once. Where one expert has more than a thread's share of the rows, the experts
+// run one after the other instead, each product on every thread.
+template <typename MultiplyExperts>
+void split_experts_between_threads(const std::vector<int64_t>& first_row, const MultiplyExperts& multiply_experts) {
+  const int64_t num_experts = (int64_t)first_row.size() - 1, total_rows = first_row.back();
+  int64_t most_rows = 0;
+  for (int64_t expert = 0; expert < num_experts; ++expert) {
+    most_rows = std::max(most_rows, first_row[expert + 1] - first_row[expert]);
+  }
   const int64_t num_shares = at::get_num_threads();
   if (num_shares == 1 || most_rows * num_shares > total_rows) {
     multiply_experts(0, num_experts);
-    return output;
+    return;
   }
   // Share s takes the experts whose first row lies in its equal part of the rows.
   std::vector<int64_t> first_expert(num_shares + 1, num_experts);
@@ -536,6 +680,69 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
   at::parallel_for(0, num_shares, 1, [&](int64_t share_begin, int64_t share_end) {
     for (int64_t share = share_begin; share < share_end; ++share) {
       multiply_experts(first_expert[share], first_expert[share + 1]);
+    }
+  });
+}
+
+void check_sorted_rows(const at::Tensor& first, const at::Tensor& second, const char* op, const char* first_name,
+                       const char* second_name) {
+  TORCH_CHECK(first.scalar_type() == second.scalar_type(), op, ": ", first_name, " and ", second_name,
+              " must have one dtype, got ", first.scalar_type(), " and ", second.scalar_type());
+  TORCH_CHECK(first.device().is_cpu() && second.device().is_cpu(), op, ": ", first_name, " and ", second_name,
+              " must be on the CPU");
+}
+
+// output[rows of expert e] = input[rows of expert e] @ weight[e], for `input` (n, in) sorted by expert and `weight`
+// (e, in, out) of any dtype and strides: one BLAS product per expert, as `sorted_mm`'s backward runs its input
+// gradients, with the experts split between threads (`split_experts_between_threads`).
+at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef rows_per_expert) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 3, "expert_matmul: input must be 2-D and weight 3-D, got shapes ",
+              input.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(input.size(1) == weight.size(1), "expert_matmul: weight must be (e, ", input.size(1), ", out), got ",
+              weight.sizes());
+  check_sorted_rows(input, weight, "expert_matmul", "input", "weight");
+  const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, weight.size(0), "expert_matmul");
+  TORCH_CHECK(input.size(0) == first_row.back(), "expert_matmul: input must have sum(rows_per_expert) = ",
+              first_row.back(), " rows, got ", input.size(0));
+
+  // Values only, like every op here: detached, a weight that requires gradients is not refused by mm's out= form.
+  const at::Tensor input_values = input.detach(), weight_values = weight.detach();
+  at::Tensor output = at::empty({input.size(0), weight.size(2)}, input.options());
+  split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
+    for (int64_t expert = expert_begin; expert < expert_end; ++expert) {
+      if (rows_per_expert[expert] == 0) continue;
+      at::Tensor expert_output = output.narrow(0, first_row[expert], rows_per_expert[expert]);
+      at::mm_out(expert_output, input_values.narrow(0, first_row[expert], rows_per_expert[expert]),
+                 weight_values[expert]);
+    }
+  });
+  return output;
+}
+
+// output[e] = left[rows of expert e].T @ right[rows of expert e], (e, p, q), for `left` (n, p) and `right` (n, q)
+// sorted by expert, of any dtype and strides: the weight gradients of `sorted_mm`'s backward, one BLAS product per
+// expert, split between threads like `expert_matmul`. An expert without rows gets zeros.
+at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right, c10::IntArrayRef rows_per_expert) {
+  TORCH_CHECK(left.dim() == 2 && right.dim() == 2, "expert_outer_products: left and right must be 2-D, got shapes ",
+              left.sizes(), " and ", right.sizes());
+  check_sorted_rows(left, right, "expert_outer_products", "left", "right");
+  const int64_t num_experts = (int64_t)rows_per_expert.size();
+  const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, num_experts, "expert_outer_products");
+  TORCH_CHECK(left.size(0) == first_row.back() && right.size(0) == first_row.back(),
+              "expert_outer_products: left and right must have sum(rows_per_expert) = ", first_row.back(),
+              " rows, got ", left.size(0), " and ", right.size(0));
+
+  const at::Tensor left_values = left.detach(), right_values = right.detach();
+  at::Tensor output = at::empty({num_experts, left.size(1), right.size(1)}, left.options());
+  split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
+    for (int64_t expert = expert_begin; expert < expert_end; ++expert) {
+      at::Tensor expert_output = output[expert];
+      if (rows_per_expert[expert] == 0) {
+        expert_output.zero_();
+        continue;
+      }
+      at::mm_out(expert_output, left_values.narrow(0, first_row[expert], rows_per_expert[expert]).t(),
+                 right_values.narrow(0, first_row[expert], rows_per_expert[expert]));
     }
   });
   return output;
@@ -551,10 +758,12 @@ TORCH_LIBRARY(switch_hf, library) {
       "expert_feed_forward_with_inner(Tensor input, Tensor row_index, int[] rows_per_expert, Tensor up, "
       "Tensor? up_bias, Tensor down, Tensor? down_bias, str activation) -> (Tensor, Tensor, Tensor)");
   library.def("expert_matmul(Tensor input, Tensor weight, int[] rows_per_expert) -> Tensor");
+  library.def("expert_outer_products(Tensor left, Tensor right, int[] rows_per_expert) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {
   library.impl("expert_feed_forward", &expert_feed_forward);
   library.impl("expert_feed_forward_with_inner", &expert_feed_forward_with_inner);
   library.impl("expert_matmul", &expert_matmul);
+  library.impl("expert_outer_products", &expert_outer_products);
 }

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "identity": lambda inner: inner}
 # Rows per expert around every edge of the kernel's tiling: empty experts, one row, a register tile (16 rows) and
-# its vectors (up to 64 rows), a work item (128 rows, or up to 159 when a short rest joins it) and beyond.
-ROWS_PER_EXPERT = [0, 1, 15, 16, 17, 63, 64, 65, 128, 129, 159, 160, 161, 300]
+# its vectors (up to 64 rows), a work item (128 rows, or up to 159 when a short rest joins it) and beyond, and the
+# tail of a work item run as rows (m % 16 up to 10: tiles of 1 to 4 rows) or in a partly empty vector (11 and more).
+ROWS_PER_EXPERT = [0, 1, 5, 10, 11, 15, 16, 17, 23, 26, 27, 63, 64, 65, 128, 129, 138, 139, 159, 160, 161, 300]
 
 
 def expert_weights(num_experts, hidden, intermediate, with_bias, generator):
@@ -150,6 +151,25 @@ def test_expert_matmul_matches_one_product_per_expert(threads, rows_per_expert, 
     output = torch.ops.switch_hf.expert_matmul(input, weight, rows_per_expert)
     expected = torch.cat([rows @ weight[expert] for expert, rows in enumerate(input.split(rows_per_expert))])
     assert output.dtype == dtype
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows_per_expert",
+    [ROWS_PER_EXPERT, [0, 3, 900, 2, 0]],
+    ids=["experts-split-between-threads", "one-expert-dominates"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_outer_products_match_one_product_per_expert(threads, rows_per_expert, dtype):
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(sum(rows_per_expert), 40, generator=generator).to(dtype)
+    right = torch.randn(70, sum(rows_per_expert), generator=generator).to(dtype).t()  # any strides
+
+    output = torch.ops.switch_hf.expert_outer_products(left, right, rows_per_expert)
+    expected = torch.stack(
+        [a.t() @ b for a, b in zip(left.split(rows_per_expert), right.split(rows_per_expert))]
+    )  # an expert without rows: a (40, 70) product over no rows, zeros
+    assert output.dtype == dtype and output.shape == (len(rows_per_expert), 40, 70)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -310,6 +330,22 @@ def test_expert_matmul_rejects_bad_input_naming_the_argument(change, message):
     arguments.update(change)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.switch_hf.expert_matmul(*arguments.values())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(left=torch.randn(6)), "left and right must be 2-D"),
+        (dict(left=torch.randn(6, 4).double()), "left and right must have one dtype"),
+        (dict(rows_per_expert=[3, 4, -1]), "rows_per_expert must not be negative"),
+        (dict(rows_per_expert=[2, 2, 1]), r"left and right must have sum\(rows_per_expert\) = 5 rows"),
+    ],
+)
+def test_expert_outer_products_reject_bad_input_naming_the_argument(change, message):
+    arguments = dict(left=torch.randn(6, 4), right=torch.randn(6, 5), rows_per_expert=[2, 2, 2])
+    arguments.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.switch_hf.expert_outer_products(*arguments.values())
 
 
 # --- without it -----------------------------------------------------------------------------------------------------

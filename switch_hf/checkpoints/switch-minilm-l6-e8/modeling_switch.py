@@ -300,16 +300,28 @@ def sorted_linear_backward(
     """
     num_experts = weight.shape[0]
     grad_output = grad_output.contiguous()
+    # Where switch_hf's kernel ops take these tensors, the same products run there, with the experts split between
+    # threads (`expert_kernel.cpp`); the loop below does the rest.
+    kernel_ops = _expert_matmul_ops_for(input, grad_output, weight)
     grad_input, input_grad_in_loop = None, needs_input_grad
     if needs_input_grad:
-        expert_matmul = _expert_matmul_for(grad_output, weight)
-        if expert_matmul is not None:
-            # The same products with the experts split between threads (`expert_kernel.cpp`), where switch_hf is built.
+        if kernel_ops is not None:
             weight_by_rows = weight.transpose(1, 2) if is_transposed else weight  # (e, out, in)
-            grad_input, input_grad_in_loop = expert_matmul(grad_output, weight_by_rows, rows_per_expert), False
+            grad_input = kernel_ops.expert_matmul(grad_output, weight_by_rows, rows_per_expert)
+            input_grad_in_loop = False
         else:
             grad_input = torch.empty_like(input)
-    grad_weight = torch.empty_like(weight) if needs_weight_grad else None
+    grad_weight, weight_grad_in_loop = None, needs_weight_grad
+    if needs_weight_grad:
+        if kernel_ops is not None:
+            grad_weight = (
+                kernel_ops.expert_outer_products(input, grad_output, rows_per_expert)
+                if is_transposed
+                else kernel_ops.expert_outer_products(grad_output, input, rows_per_expert)
+            )
+            weight_grad_in_loop = False
+        else:
+            grad_weight = torch.empty_like(weight)
     grad_bias = grad_output.new_empty(num_experts, grad_output.shape[1]) if needs_bias_grad else None
 
     per_expert = zip(
@@ -317,7 +329,7 @@ def sorted_linear_backward(
         grad_output.split(rows_per_expert),  # (rows, out) each
         weight.transpose(1, 2) if is_transposed else weight,  # (out, in) each
         grad_input.split(rows_per_expert) if input_grad_in_loop else [None] * num_experts,
-        grad_weight if grad_weight is not None else [None] * num_experts,
+        grad_weight if weight_grad_in_loop else [None] * num_experts,
         grad_bias if grad_bias is not None else [None] * num_experts,
     )
     for expert_input, expert_grad_output, expert_weight, expert_grad_input, expert_grad_weight, expert_grad_bias in per_expert:
@@ -340,13 +352,13 @@ def sorted_linear_backward(
     return grad_input, grad_weight, grad_bias
 
 
-def _expert_matmul_for(*tensors: torch.Tensor):
-    """`torch.ops.switch_hf.expert_matmul` where switch_hf's kernel ops are registered and take these tensors (plain,
-    on the CPU, of one dtype), else None."""
-    expert_matmul = getattr(torch.ops.switch_hf, "expert_matmul", None) if use_expert_kernel else None
-    if expert_matmul is None or len({tensor.dtype for tensor in tensors}) > 1 or not _plain_cpu(tensors):
+def _expert_matmul_ops_for(*tensors: torch.Tensor):
+    """`torch.ops.switch_hf` (`expert_matmul`, `expert_outer_products`) where switch_hf's kernel ops are registered and
+    take these tensors (plain, on the CPU, of one dtype), else None."""
+    registered = use_expert_kernel and hasattr(torch.ops.switch_hf, "expert_outer_products")
+    if not registered or len({tensor.dtype for tensor in tensors}) > 1 or not _plain_cpu(tensors):
         return None
-    return expert_matmul
+    return torch.ops.switch_hf
 
 
 def _plain_cpu(tensors) -> bool:

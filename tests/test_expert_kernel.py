@@ -160,16 +160,20 @@ def test_expert_matmul_matches_one_product_per_expert(threads, rows_per_expert, 
     ids=["experts-split-between-threads", "one-expert-dominates"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_outer_products_match_one_product_per_expert(threads, rows_per_expert, dtype):
+# Results of 40 rows (one chunk), and of 300 (float32 experts of 64 rows or more: three chunks through the buffer).
+@pytest.mark.parametrize("left_features, right_features", [(40, 70), (300, 24)])
+def test_expert_outer_products_match_one_product_per_expert(
+    threads, rows_per_expert, dtype, left_features, right_features
+):
     generator = torch.Generator().manual_seed(0)
-    left = torch.randn(sum(rows_per_expert), 40, generator=generator).to(dtype)
-    right = torch.randn(70, sum(rows_per_expert), generator=generator).to(dtype).t()  # any strides
+    left = torch.randn(sum(rows_per_expert), left_features, generator=generator).to(dtype)
+    right = torch.randn(right_features, sum(rows_per_expert), generator=generator).to(dtype).t()  # any strides
 
     output = torch.ops.switch_hf.expert_outer_products(left, right, rows_per_expert)
     expected = torch.stack(
         [a.t() @ b for a, b in zip(left.split(rows_per_expert), right.split(rows_per_expert))]
-    )  # an expert without rows: a (40, 70) product over no rows, zeros
-    assert output.dtype == dtype and output.shape == (len(rows_per_expert), 40, 70)
+    )  # an expert without rows: a product over no rows, zeros
+    assert output.dtype == dtype and output.shape == (len(rows_per_expert), left_features, right_features)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -5,7 +5,7 @@ In one run, on the same inputs, for each number of experts this times, interleav
 - `dense`: Linear(h, ffn) -> GELU -> Linear(ffn, h), the FFN one token goes through;
 - `switch-hf/<implementation>`: the whole `SwitchSparseBlock` (router, capacity, experts) with each experts
   implementation, top-1, dropless, so every token reaches its expert. `sorted_mm` runs its experts' forward on
-  switch_hf's fused kernel where it is registered, and their backward's input-gradient products split between threads;
+  switch_hf's fused kernel where it is registered, and their backward's products split between threads;
   `switch-hf/sorted_mm, torch products` is the same block with switch_hf's kernel ops switched off;
 - `reference: expert networks`: the experts' networks alone, on tokens already sorted by expert;
 - `SwitchTransformersSparseMLP`: transformers' own Switch MoE, configured identically (same router and expert

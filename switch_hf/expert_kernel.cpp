@@ -662,8 +662,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_feed_forward_with_inner(
 // Runs multiply_experts(expert_begin, expert_end) over all experts, split between torch's threads by their rows
 // (first_row: `expert_offsets`), each BLAS product inside on one thread. A BLAS call on the few rows of one expert gains
 // little from a second thread (it mostly waits for its operands to arrive from memory or leave for it), while two
-// threads on two experts stream two at once. Where one expert has more than a thread's share of the rows, the experts
-// run one after the other instead, each product on every thread.
+// threads on two experts stream two at once. Where one expert has more than a thread's share of the rows, or the
+// experts average more than kMaxRowsPerExpertToSplit rows (8 experts of 512 rows: MKL's own threads on each product
+// measured 0.10-0.15 x dense faster for the block's forward+backward), the experts run one after the other instead,
+// each product on every thread.
 template <typename MultiplyExperts>
 void split_experts_between_threads(const std::vector<int64_t>& first_row, const MultiplyExperts& multiply_experts) {
   const int64_t num_experts = (int64_t)first_row.size() - 1, total_rows = first_row.back();
@@ -691,7 +693,7 @@ void split_experts_between_threads(const std::vector<int64_t>& first_row, const 
   });
 }
 
-void check_sorted_rows(const at::Tensor& first, const at::Tensor& second, const char* op, const char* first_name,
+void check_one_dtype_on_cpu(const at::Tensor& first, const at::Tensor& second, const char* op, const char* first_name,
                        const char* second_name) {
   TORCH_CHECK(first.scalar_type() == second.scalar_type(), op, ": ", first_name, " and ", second_name,
               " must have one dtype, got ", first.scalar_type(), " and ", second.scalar_type());
@@ -707,7 +709,7 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
               input.sizes(), " and ", weight.sizes());
   TORCH_CHECK(input.size(1) == weight.size(1), "expert_matmul: weight must be (e, ", input.size(1), ", out), got ",
               weight.sizes());
-  check_sorted_rows(input, weight, "expert_matmul", "input", "weight");
+  check_one_dtype_on_cpu(input, weight, "expert_matmul", "input", "weight");
   const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, weight.size(0), "expert_matmul");
   TORCH_CHECK(input.size(0) == first_row.back(), "expert_matmul: input must have sum(rows_per_expert) = ",
               first_row.back(), " rows, got ", input.size(0));
@@ -731,15 +733,16 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
 // expert, split between threads like `expert_matmul`. An expert without rows gets zeros.
 //
 // Every expert's gradient is new memory to write (151 MB a step at 32 experts, h 384, intermediate 1,536), and a
-// plain store first reads each line it writes. For float32 experts with at least kStreamedGradientMinRows rows, the
-// product runs kGradientChunkRows rows of the result at a time into a buffer that stays in cache, copied out with
-// non-temporal stores, which skip that read: one thread, 32 experts, side by side, 39.6 -> 36.7 and 39.1 -> 34.9 ms
-// for the two products of a step. With fewer rows, the extra BLAS calls cost more than the stores save (128 experts:
-// 49 -> 53 ms).
+// plain store first reads each line it writes. For float32 experts of kStreamedGradientMinRows to
+// kStreamedGradientMaxRows rows, the product runs kGradientChunkRows rows of the result at a time into a buffer that
+// stays in cache, copied out with non-temporal stores, which skip that read: one thread, 32 experts, side by side,
+// 39.6 -> 36.7 and 39.1 -> 34.9 ms for the two products of a step. With fewer rows, the extra BLAS calls cost more
+// than the stores save (128 experts: 49 -> 53 ms); with more, the products hide the stores (8 experts, two threads:
+// streaming cost 3-5 ms a step).
 at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right, c10::IntArrayRef rows_per_expert) {
   TORCH_CHECK(left.dim() == 2 && right.dim() == 2, "expert_outer_products: left and right must be 2-D, got shapes ",
               left.sizes(), " and ", right.sizes());
-  check_sorted_rows(left, right, "expert_outer_products", "left", "right");
+  check_one_dtype_on_cpu(left, right, "expert_outer_products", "left", "right");
   const int64_t num_experts = (int64_t)rows_per_expert.size();
   const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, num_experts, "expert_outer_products");
   TORCH_CHECK(left.size(0) == first_row.back() && right.size(0) == first_row.back(),

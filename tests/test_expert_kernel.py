@@ -160,7 +160,7 @@ def test_expert_matmul_matches_one_product_per_expert(threads, rows_per_expert, 
     ids=["experts-split-between-threads", "one-expert-dominates"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# Results of 40 rows (one chunk), and of 300 (float32 experts of 64 rows or more: three chunks through the buffer).
+# Results of 40 rows (one chunk), and of 300 (float32 experts of 64 to 256 rows: three chunks through the buffer).
 @pytest.mark.parametrize("left_features, right_features", [(40, 70), (300, 24)])
 def test_expert_outer_products_match_one_product_per_expert(
     threads, rows_per_expert, dtype, left_features, right_features

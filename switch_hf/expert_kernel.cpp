@@ -51,11 +51,10 @@ constexpr int64_t kMergedRestRows = 32;  // a work item has at most kTileRows + 
 
 enum class Activation { kIdentity, kGelu, kRelu };
 
-Activation parse_activation(const std::string& name) {
+Activation parse_activation(const std::string& name, const char* op = "expert_feed_forward") {
   if (name == "gelu") return Activation::kGelu;
   if (name == "relu") return Activation::kRelu;
-  TORCH_CHECK(name == "identity", "expert_feed_forward: activation must be one of 'gelu', 'relu', 'identity', got '",
-              name, "'");
+  TORCH_CHECK(name == "identity", op, ": activation must be one of 'gelu', 'relu', 'identity', got '", name, "'");
   return Activation::kIdentity;
 }
 
@@ -76,9 +75,10 @@ inline __m512 exp_nonpositive(__m512 y) {
   return _mm512_scalef_ps(series, n);
 }
 
-// The exact GELU, x Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2, as torch's default GELU (not its tanh
-// approximation); erfc(z) for z >= 0 by Abramowitz and Stegun 7.1.26, absolute error under 1.5e-7.
-inline __m512 gelu(__m512 x) {
+// The standard normal's Phi(x) = (1 + erf(x / sqrt 2)) / 2, with erfc(z) for z >= 0 by Abramowitz and Stegun 7.1.26
+// (absolute error under 1.5e-7), and its density phi(x) = exp(-x^2 / 2) / sqrt(2 pi): the exact GELU is x Phi(x), as
+// torch's default GELU (not its tanh approximation), and its derivative Phi(x) + x phi(x).
+inline void normal_cdf_and_density(__m512 x, __m512& cdf, __m512& density) {
   const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
   const __m512 one = _mm512_set1_ps(1.f);
   // t = 1 / d, d = 1 + 0.3275911 z >= 1: a 14-bit reciprocal and one Newton step (error under 1e-8 relative), not a
@@ -90,12 +90,33 @@ inline __m512 gelu(__m512 x) {
   series = _mm512_fmadd_ps(series, t, _mm512_set1_ps(1.421413741f));
   series = _mm512_fmadd_ps(series, t, _mm512_set1_ps(-0.284496736f));
   series = _mm512_fmadd_ps(series, t, _mm512_set1_ps(0.254829592f));
-  const __m512 minus_z_squared = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z));
+  const __m512 exp_minus_z_squared = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
   const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(series, t),
-                                         _mm512_mul_ps(exp_nonpositive(minus_z_squared), _mm512_set1_ps(0.5f)));
+                                         _mm512_mul_ps(exp_minus_z_squared, _mm512_set1_ps(0.5f)));
   // Phi(x) = 1 - erfc(|x| / sqrt 2) / 2 for x >= 0, erfc(|x| / sqrt 2) / 2 for x < 0.
   const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-  return _mm512_mul_ps(x, _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, half_erfc), half_erfc));
+  cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, half_erfc), half_erfc);
+  density = _mm512_mul_ps(exp_minus_z_squared, _mm512_set1_ps(0.39894228040143268f));
+}
+
+inline __m512 gelu(__m512 x) {
+  __m512 cdf, density;
+  normal_cdf_and_density(x, cdf, density);
+  return _mm512_mul_ps(x, cdf);
+}
+
+// The activation's derivative at x.
+inline __m512 activation_derivative(Activation activation, __m512 x) {
+  switch (activation) {
+    case Activation::kGelu: {
+      __m512 cdf, density;
+      normal_cdf_and_density(x, cdf, density);
+      return _mm512_fmadd_ps(x, density, cdf);
+    }
+    case Activation::kRelu:
+      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.f));
+    default: return _mm512_set1_ps(1.f);
+  }
 }
 
 inline __m512 activate(Activation activation, __m512 x) {
@@ -463,12 +484,12 @@ void activate_rows_and_export(float* inner, int64_t m, int64_t width, Activation
   }
 }
 
-void check_float_cpu_contiguous(const at::Tensor& tensor, const char* name, int64_t dim) {
-  TORCH_CHECK(tensor.dim() == dim, "expert_feed_forward: ", name, " must be ", dim, "-D, got shape ", tensor.sizes());
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat, "expert_feed_forward: ", name, " must be float32, got ",
-              tensor.scalar_type());
-  TORCH_CHECK(tensor.device().is_cpu(), "expert_feed_forward: ", name, " must be on the CPU, got ", tensor.device());
-  TORCH_CHECK(tensor.is_contiguous(), "expert_feed_forward: ", name, " must be contiguous");
+void check_float_cpu_contiguous(const at::Tensor& tensor, const char* name, int64_t dim,
+                                const char* op = "expert_feed_forward") {
+  TORCH_CHECK(tensor.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", tensor.sizes());
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", tensor.scalar_type());
+  TORCH_CHECK(tensor.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", tensor.device());
+  TORCH_CHECK(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 // Where each expert's rows begin among the sorted rows, and where the last expert's end: the (num_experts + 1) prefix
@@ -784,6 +805,32 @@ at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right
   return output;
 }
 
+// grad * activation'(pre_activation), elementwise, for the backward of the experts' inner activation: the same
+// function as torch's gelu_backward / threshold_backward, on the forward's erf (4,096 x 1,536 values, one thread: 3.6
+// against 5.2 ms for the exact GELU's; two threads: 1.9 against 2.4).
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre_activation,
+                               const std::string& activation_name) {
+  check_float_cpu_contiguous(grad, "grad", 2, "activation_backward");
+  check_float_cpu_contiguous(pre_activation, "pre_activation", 2, "activation_backward");
+  TORCH_CHECK(grad.sizes() == pre_activation.sizes(), "activation_backward: grad and pre_activation must have one "
+              "shape, got ", grad.sizes(), " and ", pre_activation.sizes());
+  const Activation activation = parse_activation(activation_name, "activation_backward");
+  at::Tensor result = at::empty_like(grad);
+  const float* grad_data = grad.data_ptr<float>();
+  const float* pre_activation_data = pre_activation.data_ptr<float>();
+  float* result_data = result.data_ptr<float>();
+  at::parallel_for(0, grad.numel(), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += kRowsPerVector) {
+      const __mmask16 valid = first_lanes(end - i);
+      const __m512 derivative =
+          activation_derivative(activation, _mm512_maskz_loadu_ps(valid, pre_activation_data + i));
+      _mm512_mask_storeu_ps(result_data + i, valid,
+                            _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, grad_data + i), derivative));
+    }
+  });
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(switch_hf, library) {
@@ -795,6 +842,7 @@ TORCH_LIBRARY(switch_hf, library) {
       "Tensor? up_bias, Tensor down, Tensor? down_bias, str activation) -> (Tensor, Tensor, Tensor)");
   library.def("expert_matmul(Tensor input, Tensor weight, int[] rows_per_expert) -> Tensor");
   library.def("expert_outer_products(Tensor left, Tensor right, int[] rows_per_expert) -> Tensor");
+  library.def("activation_backward(Tensor grad, Tensor pre_activation, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {
@@ -802,4 +850,5 @@ TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {
   library.impl("expert_feed_forward_with_inner", &expert_feed_forward_with_inner);
   library.impl("expert_matmul", &expert_matmul);
   library.impl("expert_outer_products", &expert_outer_products);
+  library.impl("activation_backward", &activation_backward);
 }

@@ -154,6 +154,34 @@ def test_expert_matmul_matches_one_product_per_expert(threads, rows_per_expert, 
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+def test_activation_backward_is_the_activation_derivative_times_the_gradient(threads, activation):
+    generator = torch.Generator().manual_seed(0)
+    # A wide range of pre-activations, 0 among them, in a shape whose size is not a multiple of 16.
+    pre_activation = torch.linspace(-12, 12, 37 * 41).reshape(37, 41)
+    grad = torch.randn(37, 41, generator=generator)
+
+    result = torch.ops.switch_hf.activation_backward(grad, pre_activation, activation)
+    inner = pre_activation.clone().requires_grad_()
+    ACTIVATIONS[activation](inner).backward(grad)
+    torch.testing.assert_close(result, inner.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(grad=torch.randn(4, 6)), r"grad and pre_activation must have one shape, got \[4, 6\] and \[4, 5\]"),
+        (dict(grad=torch.randn(4, 5).double()), "activation_backward: grad must be float32"),
+        (dict(activation="tanh"), "activation_backward: activation must be one of 'gelu', 'relu', 'identity'"),
+    ],
+)
+def test_activation_backward_rejects_bad_input_naming_the_argument(change, message):
+    arguments = dict(grad=torch.randn(4, 5), pre_activation=torch.randn(4, 5), activation="gelu")
+    arguments.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.switch_hf.activation_backward(*arguments.values())
+
+
 @pytest.mark.parametrize(
     "rows_per_expert",
     [ROWS_PER_EXPERT, [0, 3, 900, 2, 0]],

@@ -370,8 +370,9 @@ class _ExpertNetworksOnKernel(torch.autograd.Function):
     """[`SwitchExperts`]' networks on switch_hf's fused kernel with autograd: `_experts_on_torch_products`' function.
 
     The forward runs on `expert_feed_forward_with_inner`, which also returns the inner pre-activations and activations
-    the backward needs (what the per-expert products save too); the backward runs on torch's per-expert products
-    (`sorted_linear_backward`): a fused backward kernel built like the forward's measured slower (`docs/benchmarks.md`).
+    the backward needs (what the per-expert products save too); the backward runs on per-expert BLAS products
+    (`sorted_linear_backward`) and the kernel's `activation_backward`: a fused backward kernel built like the
+    forward's measured slower (`docs/benchmarks.md`).
     """
 
     @staticmethod
@@ -399,10 +400,7 @@ class _ExpertNetworksOnKernel(torch.autograd.Function):
         grad_activated, grad_down, grad_down_bias = sorted_linear_backward(
             activated, down, grad_output, ctx.rows_per_expert, False, True, needs_down_grad, needs_down_bias_grad
         )
-        if ctx.activation == "gelu":
-            grad_inner = torch.ops.aten.gelu_backward(grad_activated, pre_activation)
-        else:  # relu
-            grad_inner = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
+        grad_inner = torch.ops.switch_hf.activation_backward(grad_activated, pre_activation, ctx.activation)
         grad_expert_input, grad_up, grad_up_bias = sorted_linear_backward(
             hidden_states.index_select(0, rows), up, grad_inner, ctx.rows_per_expert, False, needs_input_grad,
             needs_up_grad, needs_up_bias_grad,
@@ -568,7 +566,7 @@ def _expert_kernel_runs(experts: nn.Module, hidden_states: torch.Tensor) -> bool
     The `switch_hf` package builds and registers the kernel when imported, on CPUs with AVX-512 (`expert_kernel.py`).
     It runs float32 [`SwitchExperts`] on the CPU, outside autocast, with a GELU or ReLU activation
     (`kernel_activation`), no active expert dropout and contiguous plain-tensor weights, with or without autograd
-    (its backward runs on torch's products); everything else (a model loaded with `trust_remote_code` alone among
+    (its backward on per-expert BLAS products); everything else (a model loaded with `trust_remote_code` alone among
     them) runs on torch.
     """
     if not use_expert_kernel or not hasattr(torch.ops.switch_hf, "expert_feed_forward_with_inner"):

@@ -9,7 +9,8 @@
 // or, for top-1 routing, the combine as well: result[rows[i]] = gate[i] * output[i], in the input's row order.
 // switch_hf::expert_feed_forward_with_inner, the forward of training, also returns the inner pre-activations and
 // activations the backward reads. switch_hf::expert_matmul and switch_hf::expert_outer_products run the backward's
-// input-gradient and weight-gradient products, one BLAS call per expert, with the experts split between threads.
+// input-gradient and weight-gradient products, one BLAS call per expert, with the experts split between threads, and
+// switch_hf::activation_backward its gradient through the activation.
 //
 // Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
 // amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read

@@ -44,8 +44,9 @@ constexpr int kWeightRows = 6;  // weight rows per register tile: 4 x 6 accumula
 constexpr int64_t kTileRows = 128;  // rows per work item
 constexpr int64_t kMaxTailRows = 10;  // a tile's last m % 16 rows run as rows if at most this many (each costs about
                                       // 1.5 lanes there), else in one more, partly empty, row vector
-constexpr int64_t kGradientChunkRows = 128, kStreamedGradientMinRows = 64, kStreamedGradientMaxRows = 256;  // see
-                                                                                              // expert_outer_products
+// The weight gradients of experts with kStreamedGradientMinRows to kStreamedGradientMaxRows rows are written
+// kGradientChunkRows result rows at a time (see expert_outer_products).
+constexpr int64_t kGradientChunkRows = 128, kStreamedGradientMinRows = 64, kStreamedGradientMaxRows = 256;
 constexpr int64_t kMaxRowsPerExpertToSplit = 256;  // see split_experts_between_threads
 constexpr int64_t kMergedRestRows = 32;  // a work item has at most kTileRows + kMergedRestRows - 1 rows, whose
                                          // buffers (1.5 MB at h 384, intermediate 1,536) fit in L2
@@ -715,8 +716,8 @@ void split_experts_between_threads(const std::vector<int64_t>& first_row, const 
   });
 }
 
-void check_one_dtype_on_cpu(const at::Tensor& first, const at::Tensor& second, const char* op, const char* first_name,
-                       const char* second_name) {
+void check_one_dtype_on_cpu(const at::Tensor& first, const at::Tensor& second, const char* op,
+                            const char* first_name, const char* second_name) {
   TORCH_CHECK(first.scalar_type() == second.scalar_type(), op, ": ", first_name, " and ", second_name,
               " must have one dtype, got ", first.scalar_type(), " and ", second.scalar_type());
   TORCH_CHECK(first.device().is_cpu() && second.device().is_cpu(), op, ": ", first_name, " and ", second_name,

@@ -300,36 +300,35 @@ def sorted_linear_backward(
     """
     num_experts = weight.shape[0]
     grad_output = grad_output.contiguous()
-    # Where switch_hf's kernel ops take these tensors, the same products run there, with the experts split between
-    # threads (`expert_kernel.cpp`); the loop below does the rest.
+    # Where switch_hf's kernel ops take these tensors, the products run there, with the experts split between threads
+    # (`expert_kernel.cpp`), and the loop below only sums the bias gradients.
     kernel_ops = _expert_matmul_ops_for(input, grad_output, weight)
-    grad_input, input_grad_in_loop = None, needs_input_grad
+    products_in_loop = kernel_ops is None
+    grad_input = grad_weight = None
     if needs_input_grad:
-        if kernel_ops is not None:
-            weight_by_rows = weight.transpose(1, 2) if is_transposed else weight  # (e, out, in)
-            grad_input = kernel_ops.expert_matmul(grad_output, weight_by_rows, rows_per_expert)
-            input_grad_in_loop = False
-        else:
-            grad_input = torch.empty_like(input)
-    grad_weight, weight_grad_in_loop = None, needs_weight_grad
+        weight_by_rows = weight.transpose(1, 2) if is_transposed else weight  # (e, out, in)
+        grad_input = (
+            torch.empty_like(input)
+            if products_in_loop
+            else kernel_ops.expert_matmul(grad_output, weight_by_rows, rows_per_expert)
+        )
     if needs_weight_grad:
-        if kernel_ops is not None:
-            grad_weight = (
-                kernel_ops.expert_outer_products(input, grad_output, rows_per_expert)
-                if is_transposed
-                else kernel_ops.expert_outer_products(grad_output, input, rows_per_expert)
-            )
-            weight_grad_in_loop = False
-        else:
-            grad_weight = torch.empty_like(weight)
+        left, right = (input, grad_output) if is_transposed else (grad_output, input)
+        grad_weight = (
+            torch.empty_like(weight)
+            if products_in_loop
+            else kernel_ops.expert_outer_products(left, right, rows_per_expert)
+        )
     grad_bias = grad_output.new_empty(num_experts, grad_output.shape[1]) if needs_bias_grad else None
+    if not products_in_loop and grad_bias is None:
+        return grad_input, grad_weight, grad_bias
 
     per_expert = zip(
         input.split(rows_per_expert),
         grad_output.split(rows_per_expert),  # (rows, out) each
         weight.transpose(1, 2) if is_transposed else weight,  # (out, in) each
-        grad_input.split(rows_per_expert) if input_grad_in_loop else [None] * num_experts,
-        grad_weight if weight_grad_in_loop else [None] * num_experts,
+        grad_input.split(rows_per_expert) if products_in_loop and needs_input_grad else [None] * num_experts,
+        grad_weight if products_in_loop and needs_weight_grad else [None] * num_experts,
         grad_bias if grad_bias is not None else [None] * num_experts,
     )
     for expert_input, expert_grad_output, expert_weight, expert_grad_input, expert_grad_weight, expert_grad_bias in per_expert:

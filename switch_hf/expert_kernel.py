@@ -9,9 +9,8 @@ threads (the weight gradients streamed out of cache). docs/benchmarks.md has the
 `load()` compiles it with the machine's C++ compiler through `torch.utils.cpp_extension` (about 10 s, once per
 machine and source: the build is cached under `~/.cache/torch_extensions`), which registers the ops
 `torch.ops.switch_hf.expert_feed_forward`, `expert_feed_forward_with_inner`, `expert_matmul`,
-`expert_outer_products` and `activation_backward`. `modeling_switch`
-looks them up and falls back to torch's products where they are missing, for instance when a checkpoint is loaded
-with `trust_remote_code` alone. Set `SWITCH_HF_EXPERT_KERNEL=0` to never build or use it.
+`expert_outer_products` and `activation_backward`. `modeling_switch` looks them up and falls back to torch's products
+where they are missing, for instance when a checkpoint is loaded with `trust_remote_code` alone. Set `SWITCH_HF_EXPERT_KERNEL=0` to never build or use it.
 """
 
 import logging

@@ -311,7 +311,7 @@ def test_gradients_reach_router_experts_and_unfrozen_backbone(freeze_backbone):
 
 
 @pytest.mark.parametrize("expert_kinds", [None, "ab"])
-def test_save_load_round_trip_is_bit_identical(tmp_path, expert_kinds):
+def test_save_load_round_trip_keeps_every_weight_bit_for_bit(tmp_path, expert_kinds):
     model = SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
@@ -319,9 +319,15 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, expert_kinds):
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is SwitchForTokenReconstruction
     assert loaded.head.decoder.weight is loaded.model.backbone.embeddings.word_embeddings.weight
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, reloaded[name]), name
     ids = random_ids(2, 7)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+        # Not bit for bit: transformers (>= 5.25) keeps the loaded weights as views of the memory-mapped file, at
+        # offsets that are not 64-byte aligned, and MKL's small products round differently on unaligned operands.
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
     assert type(AutoModel.from_pretrained(tmp_path)) is SwitchModel
 
 
@@ -346,10 +352,12 @@ def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, 
     import sys
     import textwrap
 
-    # Compared bit for bit with a process without switch_hf, hence without its expert kernel.
+    # Compared bit for bit with a process without switch_hf, hence without its expert kernel, and with the
+    # package's model loaded from the same file, so that both read their weights at the same memory alignment.
     monkeypatch.setattr(modeling_switch, "use_expert_kernel", False)
-    model = SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).eval()
-    model.save_pretrained(tmp_path / "ckpt")
+    SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).save_pretrained(tmp_path / "ckpt")
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(model) is SwitchForTokenReconstruction
     ids = random_ids(2, 7)
     torch.save({"ids": ids, "logits": model(input_ids=ids).logits.detach()}, tmp_path / "expected.pt")
     script = BLOCK_SWITCH_HF + textwrap.dedent(

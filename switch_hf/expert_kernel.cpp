@@ -9,8 +9,9 @@
 // or, for top-1 routing, the combine as well: result[rows[i]] = gate[i] * output[i], in the input's row order.
 // switch_hf::expert_feed_forward_with_inner, the forward of training, also returns the inner pre-activations and
 // activations the backward reads. switch_hf::expert_matmul and switch_hf::expert_outer_products run the backward's
-// input-gradient and weight-gradient products, one BLAS call per expert, with the experts split between threads, and
-// switch_hf::activation_backward its gradient through the activation.
+// input-gradient and weight-gradient products per expert, on row-major register tiles (row_major_product) for
+// experts of up to kMaxRowsForProductKernel rows and on BLAS above, and switch_hf::activation_backward its gradient
+// through the activation.
 //
 // Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
 // amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read
@@ -44,10 +45,11 @@ constexpr int kWeightRows = 6;  // weight rows per register tile: 4 x 6 accumula
 constexpr int64_t kTileRows = 128;  // rows per work item
 constexpr int64_t kMaxTailRows = 10;  // a tile's last m % 16 rows run as rows if at most this many (each costs about
                                       // 1.5 lanes there), else in one more, partly empty, row vector
-// The weight gradients of experts with kStreamedGradientMinRows to kStreamedGradientMaxRows rows are written
-// kGradientChunkRows result rows at a time (see expert_outer_products).
-constexpr int64_t kGradientChunkRows = 128, kStreamedGradientMinRows = 64, kStreamedGradientMaxRows = 256;
 constexpr int64_t kMaxRowsPerExpertToSplit = 256;  // see split_experts_between_threads
+// The backward's products (see row_major_product): a register tile covers kProductRows rows x kProductColumns columns
+// of the result, and experts of at most kMaxRowsForProductKernel rows run there, larger ones on BLAS.
+constexpr int kProductRows = 6, kProductVectors = 4, kProductColumns = kProductVectors * kRowsPerVector;
+constexpr int64_t kMaxRowsForProductKernel = 512;
 constexpr int64_t kMergedRestRows = 32;  // a work item has at most kTileRows + kMergedRestRows - 1 rows, whose
                                          // buffers (1.5 MB at h 384, intermediate 1,536) fit in L2
 
@@ -682,6 +684,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_feed_forward_with_inner(
   return {output, pre_activation, activated};
 }
 
+// Splits `num_items` work items between torch's threads in contiguous runs of about equal cost (first_cost: the
+// running sum of their costs, num_items + 1 entries) and runs work(item_begin, item_end) on each run.
+template <typename Work>
+void split_between_threads(const std::vector<int64_t>& first_cost, const Work& work) {
+  const int64_t num_items = (int64_t)first_cost.size() - 1, total_cost = first_cost.back();
+  const int64_t num_shares = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(num_items, 1));
+  // Share s takes the items whose cost starts in its equal part of the total.
+  std::vector<int64_t> first_item(num_shares + 1, num_items);
+  first_item[0] = 0;
+  for (int64_t share = 1, item = 0; share < num_shares; ++share) {
+    while (item < num_items && first_cost[item] < total_cost * share / num_shares) ++item;
+    first_item[share] = item;
+  }
+  // Inside at::parallel_for, torch runs any product on the calling thread alone.
+  at::parallel_for(0, num_shares, 1, [&](int64_t share_begin, int64_t share_end) {
+    for (int64_t share = share_begin; share < share_end; ++share) work(first_item[share], first_item[share + 1]);
+  });
+}
+
 // Runs multiply_experts(expert_begin, expert_end) over all experts, split between torch's threads by their rows
 // (first_row: `expert_offsets`), each BLAS product inside on one thread. A BLAS call on the few rows of one expert gains
 // little from a second thread (it mostly waits for its operands to arrive from memory or leave for it), while two
@@ -701,19 +722,7 @@ void split_experts_between_threads(const std::vector<int64_t>& first_row, const 
     multiply_experts(0, num_experts);
     return;
   }
-  // Share s takes the experts whose first row lies in its equal part of the rows.
-  std::vector<int64_t> first_expert(num_shares + 1, num_experts);
-  first_expert[0] = 0;
-  for (int64_t share = 1, expert = 0; share < num_shares; ++share) {
-    while (expert < num_experts && first_row[expert] < total_rows * share / num_shares) ++expert;
-    first_expert[share] = expert;
-  }
-  // Inside at::parallel_for, torch runs each product on the calling thread alone.
-  at::parallel_for(0, num_shares, 1, [&](int64_t share_begin, int64_t share_end) {
-    for (int64_t share = share_begin; share < share_end; ++share) {
-      multiply_experts(first_expert[share], first_expert[share + 1]);
-    }
-  });
+  split_between_threads(first_row, multiply_experts);
 }
 
 void check_one_dtype_on_cpu(const at::Tensor& first, const at::Tensor& second, const char* op,
@@ -724,44 +733,194 @@ void check_one_dtype_on_cpu(const at::Tensor& first, const at::Tensor& second, c
               " must be on the CPU");
 }
 
+// The backward's products, out = A @ B for one expert: A (M x K) read through two strides, so that it is either an
+// expert's input rows (expert_matmul) or an expert's `left` rows read transposed (expert_outer_products); B (K x N)
+// row-major. A register tile holds kProductRows rows x kProductColumns columns of the result and runs the whole of K:
+// per step of k, kProductVectors loads of B's row, one broadcast of A per row, 24 FMAs. The tiles sweep B one block of
+// kProductColumns columns at a time, every row tile of the expert on that block while it is in L2, and the first row
+// tile prefetches the next block (or the next expert's first) into L2: at 128 experts of 32 rows, B is a weight
+// arriving from memory. The results are written once, with non-temporal stores where whole aligned vectors allow:
+// weight gradients (one expert's is 2.4 MB) are new memory nothing reads before the optimizer.
+//
+// Why not BLAS: a BLAS call per expert packs its operands for a product of 32-512 rows, and at a weight gradient's
+// K of 32-128 rows the packing and its output writes cost more than the arithmetic. One thread, 4,096 tokens, h 384,
+// intermediate 1,536, ms for BLAS -> these tiles (docs/benchmarks.md): weight gradients 79 -> 46 at 128 experts, 57 ->
+// 46 at 32, 51 -> 47 at 8; input gradients 82 -> 53 and 80 -> 61 at 128 experts. Above kMaxRowsForProductKernel rows
+// A and B no longer stay in cache between blocks, and BLAS is faster (a single expert of 4,096 rows: 128 against 51).
+struct RowMajorProduct {
+  const float* a;
+  int64_t a_row_stride, a_k_stride;  // A[m, k] = a[m * a_row_stride + k * a_k_stride]
+  const float* b;
+  int64_t b_row_stride;  // B[k, n] = b[k * b_row_stride + n]
+  float* out;
+  int64_t out_row_stride;  // out[m, n] = out[m * out_row_stride + n]
+  int64_t M, N, K;
+  const float* next_b;  // the next expert's B, prefetched during the last block, or null
+};
+
+// out[m0 + r, n0 + c] for r < R and c < columns (at most kProductColumns): the whole sum over K. Prefetches `next`
+// (the same rows of the next block of B, or null) into L2, one line per vector and step of k.
+template <int R, bool kStream>
+void product_tile(const RowMajorProduct& p, int64_t m0, int64_t n0, int64_t columns, const float* next) {
+  __mmask16 masks[kProductVectors];
+#pragma GCC unroll 8
+  for (int v = 0; v < kProductVectors; ++v) masks[v] = first_lanes(columns - kRowsPerVector * v);
+  __m512 acc[R * kProductVectors];
+#pragma GCC unroll 64
+  for (int j = 0; j < R * kProductVectors; ++j) acc[j] = _mm512_setzero_ps();
+
+  // Local copies: the compiler then keeps them in registers across the loop instead of re-reading `p`.
+  const int64_t K = p.K, a_row_stride = p.a_row_stride, a_k_stride = p.a_k_stride, b_row_stride = p.b_row_stride;
+  const float* __restrict a = p.a + m0 * a_row_stride;
+  const float* __restrict b = p.b + n0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (next != nullptr) {
+#pragma GCC unroll 8
+      for (int v = 0; v < kProductVectors; ++v) {
+        _mm_prefetch((const char*)(next + k * b_row_stride + kRowsPerVector * v), _MM_HINT_T1);
+      }
+    }
+    __m512 b_of_k[kProductVectors];
+#pragma GCC unroll 8
+    for (int v = 0; v < kProductVectors; ++v) {
+      b_of_k[v] = _mm512_maskz_loadu_ps(masks[v], b + k * b_row_stride + kRowsPerVector * v);
+    }
+#pragma GCC unroll 64
+    for (int r = 0; r < R; ++r) {
+      const __m512 a_of_k = _mm512_set1_ps(a[r * a_row_stride + k * a_k_stride]);
+#pragma GCC unroll 8
+      for (int v = 0; v < kProductVectors; ++v) {
+        acc[r * kProductVectors + v] = _mm512_fmadd_ps(a_of_k, b_of_k[v], acc[r * kProductVectors + v]);
+      }
+    }
+  }
+
+#pragma GCC unroll 64
+  for (int r = 0; r < R; ++r) {
+    float* out_row = p.out + (m0 + r) * p.out_row_stride + n0;
+#pragma GCC unroll 8
+    for (int v = 0; v < kProductVectors; ++v) {
+      if (kStream) {
+        _mm512_stream_ps(out_row + kRowsPerVector * v, acc[r * kProductVectors + v]);
+      } else {
+        _mm512_mask_storeu_ps(out_row + kRowsPerVector * v, masks[v], acc[r * kProductVectors + v]);
+      }
+    }
+  }
+}
+
+// Every row of the product on columns [n0, n0 + kProductColumns), whole tiles first, then the last M % 6 rows alone.
+template <bool kStream>
+void product_block(const RowMajorProduct& p, int64_t n0) {
+  const int64_t columns = std::min<int64_t>(kProductColumns, p.N - n0);
+  const float* next = n0 + kProductColumns < p.N ? p.b + n0 + kProductColumns : p.next_b;
+  int64_t m0 = 0;
+  for (; m0 + kProductRows <= p.M; m0 += kProductRows) {
+    product_tile<kProductRows, kStream>(p, m0, n0, columns, m0 == 0 ? next : nullptr);
+  }
+  for (; m0 < p.M; ++m0) product_tile<1, kStream>(p, m0, n0, columns, m0 == 0 ? next : nullptr);
+}
+
+// The product's blocks of columns [block_begin, block_end).
+void row_major_product(const RowMajorProduct& p, int64_t block_begin, int64_t block_end) {
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t n0 = block * kProductColumns;
+    // A partial block, or rows not 64-byte aligned, take masked stores.
+    const bool whole_aligned_vectors = n0 + kProductColumns <= p.N && p.out_row_stride % kRowsPerVector == 0 &&
+                                       reinterpret_cast<uintptr_t>(p.out + n0) % 64 == 0;
+    whole_aligned_vectors ? product_block<true>(p, n0) : product_block<false>(p, n0);
+  }
+}
+
+// Runs `product_of(expert)` (a RowMajorProduct) for every expert that `on_kernel` accepts, each expert's blocks of
+// columns split between threads by their rows (an expert of r rows costs about r per block), then `fallback(expert)`
+// for every other expert, one after the other: BLAS, each product on all threads.
+template <typename ProductOf, typename OnKernel, typename Fallback>
+void run_expert_products(c10::IntArrayRef rows_per_expert, int64_t columns, const ProductOf& product_of,
+                         const OnKernel& on_kernel, const Fallback& fallback) {
+  const int64_t num_experts = (int64_t)rows_per_expert.size();
+  const int64_t blocks = (columns + kProductColumns - 1) / kProductColumns;
+  std::vector<int64_t> item_expert, first_cost{0};  // one item per (expert, block)
+  for (int64_t expert = 0; expert < num_experts; ++expert) {
+    if (!on_kernel(expert)) continue;
+    for (int64_t block = 0; block < blocks; ++block) {
+      item_expert.push_back(expert);
+      first_cost.push_back(first_cost.back() + rows_per_expert[expert]);
+    }
+  }
+  if (!item_expert.empty()) {
+    split_between_threads(first_cost, [&](int64_t item_begin, int64_t item_end) {
+      for (int64_t item = item_begin; item < item_end;) {
+        const int64_t expert = item_expert[item];
+        const int64_t block_begin = item % blocks;  // every kernel expert has all its blocks, in order
+        const int64_t block_end = std::min(blocks, block_begin + (item_end - item));
+        row_major_product(product_of(expert), block_begin, block_end);
+        item += block_end - block_begin;
+      }
+      _mm_sfence();  // the non-temporal stores are done before anyone reads them
+    });
+  }
+  for (int64_t expert = 0; expert < num_experts; ++expert) {
+    if (!on_kernel(expert)) fallback(expert);
+  }
+}
+
+// Whether `tensor` can feed row_major_product: float32, elements of a row adjacent.
+bool rows_are_float_vectors(const at::Tensor& tensor) {
+  return tensor.scalar_type() == at::kFloat && tensor.stride(-1) == 1;
+}
+
 // output[rows of expert e] = input[rows of expert e] @ weight[e], for `input` (n, in) sorted by expert and `weight`
-// (e, in, out) of any dtype and strides: one BLAS product per expert, as `sorted_mm`'s backward runs its input
-// gradients, with the experts split between threads (`split_experts_between_threads`).
+// (e, in, out) of any dtype and strides: the input gradients of `sorted_mm`'s backward. float32 experts of up to
+// kMaxRowsForProductKernel rows run on row_major_product; otherwise one BLAS product per expert, the experts split
+// between threads (`split_experts_between_threads`).
 at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef rows_per_expert) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 3, "expert_matmul: input must be 2-D and weight 3-D, got shapes ",
               input.sizes(), " and ", weight.sizes());
   TORCH_CHECK(input.size(1) == weight.size(1), "expert_matmul: weight must be (e, ", input.size(1), ", out), got ",
               weight.sizes());
   check_one_dtype_on_cpu(input, weight, "expert_matmul", "input", "weight");
-  const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, weight.size(0), "expert_matmul");
+  const int64_t num_experts = weight.size(0), in = weight.size(1), out = weight.size(2);
+  const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, num_experts, "expert_matmul");
   TORCH_CHECK(input.size(0) == first_row.back(), "expert_matmul: input must have sum(rows_per_expert) = ",
               first_row.back(), " rows, got ", input.size(0));
 
   // Values only, like every op here: detached, a weight that requires gradients is not refused by mm's out= form.
   const at::Tensor input_values = input.detach(), weight_values = weight.detach();
-  at::Tensor output = at::empty({input.size(0), weight.size(2)}, input.options());
-  split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
-    for (int64_t expert = expert_begin; expert < expert_end; ++expert) {
-      if (rows_per_expert[expert] == 0) continue;
-      at::Tensor expert_output = output.narrow(0, first_row[expert], rows_per_expert[expert]);
-      at::mm_out(expert_output, input_values.narrow(0, first_row[expert], rows_per_expert[expert]),
-                 weight_values[expert]);
-    }
-  });
+  at::Tensor output = at::empty({input.size(0), out}, input.options());
+  const auto product_on_blas = [&](int64_t expert) {
+    if (rows_per_expert[expert] == 0) return;
+    at::Tensor expert_output = output.narrow(0, first_row[expert], rows_per_expert[expert]);
+    at::mm_out(expert_output, input_values.narrow(0, first_row[expert], rows_per_expert[expert]), weight_values[expert]);
+  };
+  if (!rows_are_float_vectors(input_values) || !rows_are_float_vectors(weight_values)) {
+    split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
+      for (int64_t expert = expert_begin; expert < expert_end; ++expert) product_on_blas(expert);
+    });
+    return output;
+  }
+  const float* input_data = input_values.data_ptr<float>();
+  const float* weight_data = weight_values.data_ptr<float>();
+  const auto weight_of = [&](int64_t expert) {
+    return expert < num_experts ? weight_data + expert * weight_values.stride(0) : nullptr;
+  };
+  run_expert_products(
+      rows_per_expert, out,
+      [&](int64_t expert) {
+        return RowMajorProduct{input_data + first_row[expert] * input_values.stride(0), input_values.stride(0), 1,
+                               weight_of(expert), weight_values.stride(1),
+                               output.data_ptr<float>() + first_row[expert] * out, out,
+                               rows_per_expert[expert], out, in, weight_of(expert + 1)};
+      },
+      [&](int64_t expert) { return rows_per_expert[expert] > 0 && rows_per_expert[expert] <= kMaxRowsForProductKernel; },
+      product_on_blas);
   return output;
 }
 
 // output[e] = left[rows of expert e].T @ right[rows of expert e], (e, p, q), for `left` (n, p) and `right` (n, q)
-// sorted by expert, of any dtype and strides: the weight gradients of `sorted_mm`'s backward, one BLAS product per
-// expert, split between threads like `expert_matmul`. An expert without rows gets zeros.
-//
-// Every expert's gradient is new memory to write (151 MB a step at 32 experts, h 384, intermediate 1,536), and a
-// plain store first reads each line it writes. For float32 experts of kStreamedGradientMinRows to
-// kStreamedGradientMaxRows rows, the product runs kGradientChunkRows rows of the result at a time into a buffer that
-// stays in cache, copied out with non-temporal stores, which skip that read: one thread, 32 experts, side by side,
-// 39.6 -> 36.7 and 39.1 -> 34.9 ms for the two products of a step. With fewer rows, the extra BLAS calls cost more
-// than the stores save (128 experts: 49 -> 53 ms); with more, the products hide the stores (8 experts, two threads:
-// streaming cost 3-5 ms a step).
+// sorted by expert, of any dtype and strides: the weight gradients of `sorted_mm`'s backward. An expert without rows
+// gets zeros. float32 experts of up to kMaxRowsForProductKernel rows run on row_major_product, reading `left`
+// transposed; otherwise one BLAS product per expert, the experts split between threads.
 at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right, c10::IntArrayRef rows_per_expert) {
   TORCH_CHECK(left.dim() == 2 && right.dim() == 2, "expert_outer_products: left and right must be 2-D, got shapes ",
               left.sizes(), " and ", right.sizes());
@@ -775,35 +934,35 @@ at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right
   const at::Tensor left_values = left.detach(), right_values = right.detach();
   const int64_t p = left.size(1), q = right.size(1);
   at::Tensor output = at::empty({num_experts, p, q}, left.options());
-  const bool streams = output.scalar_type() == at::kFloat;
-  split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
-    at::Tensor buffer = streams ? at::empty({std::min(kGradientChunkRows, p), q}, output.options()) : at::Tensor();
-    for (int64_t expert = expert_begin; expert < expert_end; ++expert) {
-      at::Tensor expert_output = output[expert];
-      if (rows_per_expert[expert] == 0) {
-        expert_output.zero_();
-        continue;
-      }
-      const at::Tensor expert_left = left_values.narrow(0, first_row[expert], rows_per_expert[expert]);
-      const at::Tensor expert_right = right_values.narrow(0, first_row[expert], rows_per_expert[expert]);
-      if (!streams || rows_per_expert[expert] < kStreamedGradientMinRows ||
-          rows_per_expert[expert] > kStreamedGradientMaxRows) {
-        at::mm_out(expert_output, expert_left.t(), expert_right);
-        continue;
-      }
-      for (int64_t row = 0; row < p; row += kGradientChunkRows) {
-        const int64_t rows = std::min(kGradientChunkRows, p - row);
-        at::Tensor chunk = buffer.narrow(0, 0, rows);
-        at::mm_out(chunk, expert_left.narrow(1, row, rows).t(), expert_right);
-        const float* from = chunk.data_ptr<float>();
-        float* to = expert_output.data_ptr<float>() + row * q;
-        for (int64_t i = 0; i < rows * q; i += kRowsPerVector) {
-          store_for_later(to + i, rows * q - i, _mm512_maskz_loadu_ps(first_lanes(rows * q - i), from + i));
-        }
-      }
+  const auto product_on_blas = [&](int64_t expert) {
+    at::Tensor expert_output = output[expert];
+    if (rows_per_expert[expert] == 0) {
+      expert_output.zero_();
+      return;
     }
-    _mm_sfence();  // the non-temporal stores are done before anyone reads them
-  });
+    at::mm_out(expert_output, left_values.narrow(0, first_row[expert], rows_per_expert[expert]).t(),
+               right_values.narrow(0, first_row[expert], rows_per_expert[expert]));
+  };
+  if (!rows_are_float_vectors(left_values) || !rows_are_float_vectors(right_values)) {
+    split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
+      for (int64_t expert = expert_begin; expert < expert_end; ++expert) product_on_blas(expert);
+    });
+    return output;
+  }
+  const float* left_data = left_values.data_ptr<float>();
+  const float* right_data = right_values.data_ptr<float>();
+  const int64_t left_stride = left_values.stride(0), right_stride = right_values.stride(0);
+  run_expert_products(
+      rows_per_expert, q,
+      [&](int64_t expert) {
+        const float* next_right = expert + 1 < num_experts ? right_data + first_row[expert + 1] * right_stride : nullptr;
+        return RowMajorProduct{left_data + first_row[expert] * left_stride, 1, left_stride,
+                               right_data + first_row[expert] * right_stride, right_stride,
+                               output.data_ptr<float>() + expert * p * q, q, p, q, rows_per_expert[expert],
+                               next_right};
+      },
+      [&](int64_t expert) { return rows_per_expert[expert] > 0 && rows_per_expert[expert] <= kMaxRowsForProductKernel; },
+      product_on_blas);
   return output;
 }
 

@@ -10,8 +10,8 @@
 // switch_hf::expert_feed_forward_with_inner, the forward of training, also returns the inner pre-activations and
 // activations the backward reads. switch_hf::expert_matmul and switch_hf::expert_outer_products run the backward's
 // input-gradient and weight-gradient products per expert, on row-major register tiles (row_major_product) for
-// experts of up to kMaxRowsForProductKernel rows and on BLAS above, and switch_hf::activation_backward its gradient
-// through the activation.
+// experts of up to kMaxRowsForProductKernel rows and on BLAS above, expert_matmul's results scaled by the inner
+// activation's derivatives, which the forward of training exports with the activations.
 //
 // Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
 // amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read
@@ -106,21 +106,7 @@ inline void normal_cdf_and_density(__m512 x, __m512& cdf, __m512& density) {
 inline __m512 gelu(__m512 x) {
   __m512 cdf, density;
   normal_cdf_and_density(x, cdf, density);
-  return _mm512_mul_ps(x, cdf);
-}
-
-// The activation's derivative at x.
-inline __m512 activation_derivative(Activation activation, __m512 x) {
-  switch (activation) {
-    case Activation::kGelu: {
-      __m512 cdf, density;
-      normal_cdf_and_density(x, cdf, density);
-      return _mm512_fmadd_ps(x, density, cdf);
-    }
-    case Activation::kRelu:
-      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.f));
-    default: return _mm512_set1_ps(1.f);
-  }
+  return _mm512_mul_ps(x, cdf);  // as activate_with_derivative's
 }
 
 inline __m512 activate(Activation activation, __m512 x) {
@@ -128,6 +114,25 @@ inline __m512 activate(Activation activation, __m512 x) {
     case Activation::kGelu: return gelu(x);
     case Activation::kRelu: return _mm512_max_ps(x, _mm512_setzero_ps());
     default: return x;
+  }
+}
+
+// activate(activation, x), and the activation's derivative at x into `derivative`: for GELU, Phi(x) + x phi(x), from
+// the one evaluation of Phi and phi that the activation needs anyway.
+inline __m512 activate_with_derivative(Activation activation, __m512 x, __m512& derivative) {
+  switch (activation) {
+    case Activation::kGelu: {
+      __m512 cdf, density;
+      normal_cdf_and_density(x, cdf, density);
+      derivative = _mm512_fmadd_ps(x, density, cdf);
+      return _mm512_mul_ps(x, cdf);
+    }
+    case Activation::kRelu:
+      derivative = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.f));
+      return activate(activation, x);
+    default:
+      derivative = _mm512_set1_ps(1.f);
+      return x;
   }
 }
 
@@ -447,10 +452,10 @@ inline void store_for_later(float* destination, int64_t count, __m512 values) {
 }
 
 // For the backward: applies the activation to a tile's first-product results in place (inner_t: width x m, row
-// stride `stride`), and writes both the pre-activations and the activations out as m rows of `width`.
+// stride `stride`), and writes both the activations and their derivatives out as m rows of `width`.
 void activate_and_export(float* inner_t, int64_t stride, int64_t m, int64_t width, Activation activation,
-                         float* pre_activation_rows, float* activation_rows) {
-  __m512 pre[16], activated[16];
+                         float* activation_rows, float* derivative_rows) {
+  __m512 activated[16], derivative[16];
   for (int64_t r0 = 0; r0 < m; r0 += kRowsPerVector) {
     const int64_t rows = std::min<int64_t>(kRowsPerVector, m - r0);
     for (int64_t k0 = 0; k0 < width; k0 += kRowsPerVector) {
@@ -458,33 +463,34 @@ void activate_and_export(float* inner_t, int64_t stride, int64_t m, int64_t widt
       for (int j = 0; j < kRowsPerVector; ++j) {
         if (j < features) {
           float* column = inner_t + (k0 + j) * stride + r0;
-          pre[j] = _mm512_maskz_loadu_ps(first_lanes(rows), column);
-          activated[j] = activate(activation, pre[j]);
+          activated[j] =
+              activate_with_derivative(activation, _mm512_maskz_loadu_ps(first_lanes(rows), column), derivative[j]);
           _mm512_mask_storeu_ps(column, first_lanes(rows), activated[j]);
         } else {
-          pre[j] = activated[j] = _mm512_setzero_ps();
+          activated[j] = derivative[j] = _mm512_setzero_ps();
         }
       }
-      transpose_16x16(pre);
       transpose_16x16(activated);
+      transpose_16x16(derivative);
       for (int i = 0; i < rows; ++i) {
-        store_for_later(pre_activation_rows + (r0 + i) * width + k0, features, pre[i]);
         store_for_later(activation_rows + (r0 + i) * width + k0, features, activated[i]);
+        store_for_later(derivative_rows + (r0 + i) * width + k0, features, derivative[i]);
       }
     }
   }
 }
 
 // The same for a tile's tail rows, whose first-product results are laid out as rows (m, width), contiguous.
-void activate_rows_and_export(float* inner, int64_t m, int64_t width, Activation activation,
-                              float* pre_activation_rows, float* activation_rows) {
+void activate_rows_and_export(float* inner, int64_t m, int64_t width, Activation activation, float* activation_rows,
+                              float* derivative_rows) {
   for (int64_t i = 0; i < m * width; i += kRowsPerVector) {  // rows of whole vectors or not, all in one sweep
     const int64_t count = std::min<int64_t>(kRowsPerVector, m * width - i);
-    const __m512 pre = _mm512_maskz_loadu_ps(first_lanes(count), inner + i);
-    const __m512 activated = activate(activation, pre);
+    __m512 derivative;
+    const __m512 activated =
+        activate_with_derivative(activation, _mm512_maskz_loadu_ps(first_lanes(count), inner + i), derivative);
     _mm512_mask_storeu_ps(inner + i, first_lanes(count), activated);
-    store_for_later(pre_activation_rows + i, count, pre);
     store_for_later(activation_rows + i, count, activated);
+    store_for_later(derivative_rows + i, count, derivative);
   }
 }
 
@@ -550,13 +556,13 @@ std::vector<int64_t> check_experts_arguments(const at::Tensor& input, const at::
 }
 
 // Where the tiles' results go. `output` receives the sorted rows' outputs (n, h), or, with `gate`, the gated outputs
-// at their input rows. With `pre_activation` and `activation`, each (n, intermediate), the inner values the backward
-// needs are written there too, in sorted order.
+// at their input rows. With `activation` and `activation_derivative`, each (n, intermediate), the inner values the
+// backward needs are written there too, in sorted order.
 struct Destination {
   float* output;
   const float* gate;
-  float* pre_activation;
   float* activation;
+  float* activation_derivative;
 };
 
 // Runs the networks on the sorted rows, expert e's at positions first_position[e] .. first_position[e + 1].
@@ -569,7 +575,7 @@ void run_experts(const at::Tensor& input, const int64_t* row_index, const std::v
   const float* down_data = down.data_ptr<float>();
   const float* up_bias_data = up_bias.has_value() ? up_bias->data_ptr<float>() : nullptr;
   const float* down_bias_data = down_bias.has_value() ? down_bias->data_ptr<float>() : nullptr;
-  const bool exports_inner = destination.pre_activation != nullptr;
+  const bool exports_inner = destination.activation != nullptr;
   const int64_t total_rows = first_position.back();
 
   // Each thread takes an equal share of the sorted rows, so that they all finish together however the experts are
@@ -605,11 +611,11 @@ void run_experts(const at::Tensor& input, const int64_t* row_index, const std::v
                            tail_input, tail_inner.data()});
           if (exports_inner) {
             activate_and_export(inner_t.data(), lanes, lanes, intermediate, activation,
-                                destination.pre_activation + position * intermediate,
-                                destination.activation + position * intermediate);
+                                destination.activation + position * intermediate,
+                                destination.activation_derivative + position * intermediate);
             activate_rows_and_export(tail_inner.data(), tail, intermediate, activation,
-                                     destination.pre_activation + (position + lanes) * intermediate,
-                                     destination.activation + (position + lanes) * intermediate);
+                                     destination.activation + (position + lanes) * intermediate,
+                                     destination.activation_derivative + (position + lanes) * intermediate);
           }
           multiply(Product{inner_t.data(), down_data + expert * hidden * intermediate,
                            down_bias_data ? down_bias_data + expert * hidden : nullptr, output_t.data(), lanes, lanes,
@@ -665,8 +671,8 @@ at::Tensor expert_feed_forward(const at::Tensor& input, const at::Tensor& row_in
   return output;
 }
 
-// The forward of training: the n sorted rows' outputs (n, h), and their inner pre-activations and activations (n,
-// intermediate each), which the backward reads instead of recomputing them.
+// The forward of training: the n sorted rows' outputs (n, h), and their inner activations and the activation's
+// derivatives there (n, intermediate each), which the backward reads instead of recomputing them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_feed_forward_with_inner(
     const at::Tensor& input, const at::Tensor& row_index, c10::IntArrayRef rows_per_expert, const at::Tensor& up,
     const std::optional<at::Tensor>& up_bias, const at::Tensor& down, const std::optional<at::Tensor>& down_bias,
@@ -676,12 +682,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_feed_forward_with_inner(
   const int64_t total_rows = offsets.back();
   const Activation activation = parse_activation(activation_name);
   at::Tensor output = at::empty({total_rows, input.size(1)}, input.options());
-  at::Tensor pre_activation = at::empty({total_rows, up.size(1)}, input.options());
   at::Tensor activated = at::empty({total_rows, up.size(1)}, input.options());
+  at::Tensor activation_derivative = at::empty({total_rows, up.size(1)}, input.options());
   run_experts(input, row_index.data_ptr<int64_t>(), offsets, up, up_bias, down, down_bias, activation,
-              Destination{output.data_ptr<float>(), nullptr, pre_activation.data_ptr<float>(),
-                          activated.data_ptr<float>()});
-  return {output, pre_activation, activated};
+              Destination{output.data_ptr<float>(), nullptr, activated.data_ptr<float>(),
+                          activation_derivative.data_ptr<float>()});
+  return {output, activated, activation_derivative};
 }
 
 // Splits `num_items` work items between torch's threads in contiguous runs of about equal cost (first_cost: the
@@ -756,6 +762,7 @@ struct RowMajorProduct {
   int64_t out_row_stride;  // out[m, n] = out[m * out_row_stride + n]
   int64_t M, N, K;
   const float* next_b;  // the next expert's B, prefetched during the last block, or null
+  const float* scale;  // where not null, each result is multiplied by scale[m, n], laid out as out
 };
 
 // out[m0 + r, n0 + c] for r < R and c < columns (at most kProductColumns): the whole sum over K. Prefetches `next`
@@ -798,12 +805,17 @@ void product_tile(const RowMajorProduct& p, int64_t m0, int64_t n0, int64_t colu
 #pragma GCC unroll 64
   for (int r = 0; r < R; ++r) {
     float* out_row = p.out + (m0 + r) * p.out_row_stride + n0;
+    const float* scale_row = p.scale + (m0 + r) * p.out_row_stride + n0;
 #pragma GCC unroll 8
     for (int v = 0; v < kProductVectors; ++v) {
+      __m512 result = acc[r * kProductVectors + v];
+      if (p.scale != nullptr) {
+        result = _mm512_mul_ps(result, _mm512_maskz_loadu_ps(masks[v], scale_row + kRowsPerVector * v));
+      }
       if (kStream) {
-        _mm512_stream_ps(out_row + kRowsPerVector * v, acc[r * kProductVectors + v]);
+        _mm512_stream_ps(out_row + kRowsPerVector * v, result);
       } else {
-        _mm512_mask_storeu_ps(out_row + kRowsPerVector * v, masks[v], acc[r * kProductVectors + v]);
+        _mm512_mask_storeu_ps(out_row + kRowsPerVector * v, masks[v], result);
       }
     }
   }
@@ -871,10 +883,13 @@ bool rows_are_float_vectors(const at::Tensor& tensor) {
 }
 
 // output[rows of expert e] = input[rows of expert e] @ weight[e], for `input` (n, in) sorted by expert and `weight`
-// (e, in, out) of any dtype and strides: the input gradients of `sorted_mm`'s backward. float32 experts of up to
-// kMaxRowsForProductKernel rows run on row_major_product; otherwise one BLAS product per expert, the experts split
-// between threads (`split_experts_between_threads`).
-at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef rows_per_expert) {
+// (e, in, out) of any dtype and strides: the input gradients of `sorted_mm`'s backward. With `scale` (n, out), each
+// result is also multiplied by its entry: the experts' backward passes the inner activation's derivative, so that the
+// gradient through `down` comes out as the gradient of the activation's input, without another pass over memory.
+// float32 experts of up to kMaxRowsForProductKernel rows run on row_major_product; otherwise one BLAS product per
+// expert, the experts split between threads (`split_experts_between_threads`).
+at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef rows_per_expert,
+                         const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 3, "expert_matmul: input must be 2-D and weight 3-D, got shapes ",
               input.sizes(), " and ", weight.sizes());
   TORCH_CHECK(input.size(1) == weight.size(1), "expert_matmul: weight must be (e, ", input.size(1), ", out), got ",
@@ -884,6 +899,13 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
   const std::vector<int64_t> first_row = expert_offsets(rows_per_expert, num_experts, "expert_matmul");
   TORCH_CHECK(input.size(0) == first_row.back(), "expert_matmul: input must have sum(rows_per_expert) = ",
               first_row.back(), " rows, got ", input.size(0));
+  if (scale.has_value()) {
+    check_float_cpu_contiguous(*scale, "scale", 2, "expert_matmul");
+    TORCH_CHECK(input.scalar_type() == at::kFloat, "expert_matmul: scale needs float32 input, got ",
+                input.scalar_type());
+    TORCH_CHECK(scale->size(0) == input.size(0) && scale->size(1) == out, "expert_matmul: scale must be (",
+                input.size(0), ", ", out, "), got ", scale->sizes());
+  }
 
   // Values only, like every op here: detached, a weight that requires gradients is not refused by mm's out= form.
   const at::Tensor input_values = input.detach(), weight_values = weight.detach();
@@ -892,6 +914,7 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
     if (rows_per_expert[expert] == 0) return;
     at::Tensor expert_output = output.narrow(0, first_row[expert], rows_per_expert[expert]);
     at::mm_out(expert_output, input_values.narrow(0, first_row[expert], rows_per_expert[expert]), weight_values[expert]);
+    if (scale.has_value()) expert_output.mul_(scale->narrow(0, first_row[expert], rows_per_expert[expert]));
   };
   if (!rows_are_float_vectors(input_values) || !rows_are_float_vectors(weight_values)) {
     split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
@@ -910,7 +933,8 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
         return RowMajorProduct{input_data + first_row[expert] * input_values.stride(0), input_values.stride(0), 1,
                                weight_of(expert), weight_values.stride(1),
                                output.data_ptr<float>() + first_row[expert] * out, out,
-                               rows_per_expert[expert], out, in, weight_of(expert + 1)};
+                               rows_per_expert[expert], out, in, weight_of(expert + 1),
+                               scale.has_value() ? scale->data_ptr<float>() + first_row[expert] * out : nullptr};
       },
       [&](int64_t expert) { return rows_per_expert[expert] > 0 && rows_per_expert[expert] <= kMaxRowsForProductKernel; },
       product_on_blas);
@@ -959,37 +983,11 @@ at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right
         return RowMajorProduct{left_data + first_row[expert] * left_stride, 1, left_stride,
                                right_data + first_row[expert] * right_stride, right_stride,
                                output.data_ptr<float>() + expert * p * q, q, p, q, rows_per_expert[expert],
-                               next_right};
+                               next_right, nullptr};
       },
       [&](int64_t expert) { return rows_per_expert[expert] > 0 && rows_per_expert[expert] <= kMaxRowsForProductKernel; },
       product_on_blas);
   return output;
-}
-
-// grad * activation'(pre_activation), elementwise, for the backward of the experts' inner activation: the same
-// function as torch's gelu_backward / threshold_backward, on the forward's erf (4,096 x 1,536 values, one thread: 3.6
-// against 5.2 ms for the exact GELU's; two threads: 1.9 against 2.4).
-at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre_activation,
-                               const std::string& activation_name) {
-  check_float_cpu_contiguous(grad, "grad", 2, "activation_backward");
-  check_float_cpu_contiguous(pre_activation, "pre_activation", 2, "activation_backward");
-  TORCH_CHECK(grad.sizes() == pre_activation.sizes(), "activation_backward: grad and pre_activation must have one "
-              "shape, got ", grad.sizes(), " and ", pre_activation.sizes());
-  const Activation activation = parse_activation(activation_name, "activation_backward");
-  at::Tensor result = at::empty_like(grad);
-  const float* grad_data = grad.data_ptr<float>();
-  const float* pre_activation_data = pre_activation.data_ptr<float>();
-  float* result_data = result.data_ptr<float>();
-  at::parallel_for(0, grad.numel(), 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i += kRowsPerVector) {
-      const __mmask16 valid = first_lanes(end - i);
-      const __m512 derivative =
-          activation_derivative(activation, _mm512_maskz_loadu_ps(valid, pre_activation_data + i));
-      _mm512_mask_storeu_ps(result_data + i, valid,
-                            _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, grad_data + i), derivative));
-    }
-  });
-  return result;
 }
 
 }  // namespace
@@ -1001,9 +999,9 @@ TORCH_LIBRARY(switch_hf, library) {
   library.def(
       "expert_feed_forward_with_inner(Tensor input, Tensor row_index, int[] rows_per_expert, Tensor up, "
       "Tensor? up_bias, Tensor down, Tensor? down_bias, str activation) -> (Tensor, Tensor, Tensor)");
-  library.def("expert_matmul(Tensor input, Tensor weight, int[] rows_per_expert) -> Tensor");
+  library.def(
+      "expert_matmul(Tensor input, Tensor weight, int[] rows_per_expert, Tensor? scale=None) -> Tensor");
   library.def("expert_outer_products(Tensor left, Tensor right, int[] rows_per_expert) -> Tensor");
-  library.def("activation_backward(Tensor grad, Tensor pre_activation, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {
@@ -1011,5 +1009,4 @@ TORCH_LIBRARY_IMPL(switch_hf, CPU, library) {
   library.impl("expert_feed_forward_with_inner", &expert_feed_forward_with_inner);
   library.impl("expert_matmul", &expert_matmul);
   library.impl("expert_outer_products", &expert_outer_products);
-  library.impl("activation_backward", &activation_backward);
 }

@@ -3,14 +3,15 @@
 `sorted_mm` runs each expert as two BLAS products. Where this kernel is registered, it runs the forward of every
 expert's whole network in one call instead: per tile of an expert's rows, gather, both products, bias and activation,
 with the tile's activations kept in cache and the weights read as stored (no per-call packing); in training it also
-returns the inner values the backward needs, whose per-expert products it runs with the experts split between
-threads (the weight gradients streamed out of cache). docs/benchmarks.md has the measurements.
+returns the inner values the backward needs, whose per-expert products it runs on register tiles of its own, split
+between threads, the weight gradients streamed to memory. docs/benchmarks.md has the measurements.
 
 `load()` compiles it with the machine's C++ compiler through `torch.utils.cpp_extension` (about 10 s, once per
 machine and source: the build is cached under `~/.cache/torch_extensions`), which registers the ops
-`torch.ops.switch_hf.expert_feed_forward`, `expert_feed_forward_with_inner`, `expert_matmul`,
-`expert_outer_products` and `activation_backward`. `modeling_switch` looks them up and falls back to torch's products
-where they are missing, for instance when a checkpoint is loaded with `trust_remote_code` alone. Set `SWITCH_HF_EXPERT_KERNEL=0` to never build or use it.
+`torch.ops.switch_hf.expert_feed_forward`, `expert_feed_forward_with_inner`, `expert_matmul` and
+`expert_outer_products`. `modeling_switch` looks them up and falls back to torch's products where they are missing,
+for instance when a checkpoint is loaded with `trust_remote_code` alone. Set `SWITCH_HF_EXPERT_KERNEL=0` to never
+build or use it.
 """
 
 import logging

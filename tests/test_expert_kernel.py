@@ -114,6 +114,20 @@ def test_kernel_gelu_is_the_exact_gelu_over_a_wide_range():
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+def test_kernel_activation_derivative_is_autograds_over_a_wide_range(activation):
+    width = 16
+    eye = torch.eye(width).unsqueeze(0)
+    input = torch.linspace(-12, 12, 4096 * width).reshape(-1, width)  # 0 among them
+    _, activated, activation_derivative = torch.ops.switch_hf.expert_feed_forward_with_inner(
+        input, torch.arange(input.shape[0]), [input.shape[0]], eye, None, eye, None, activation
+    )
+    inner = input.clone().requires_grad_()
+    ACTIVATIONS[activation](inner).backward(torch.ones_like(inner))
+    torch.testing.assert_close(activated, ACTIVATIONS[activation](input), rtol=0, atol=2e-6)
+    torch.testing.assert_close(activation_derivative, inner.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
 @pytest.mark.parametrize("hidden, intermediate", [(384, 1536), (40, 70)], ids=["issue-shapes", "odd-shapes"])
 def test_kernel_with_inner_also_returns_the_inner_values(threads, activation, hidden, intermediate):
     generator = torch.Generator().manual_seed(0)
@@ -121,17 +135,23 @@ def test_kernel_with_inner_also_returns_the_inner_values(threads, activation, hi
     input = torch.randn(700, hidden, generator=generator)
     rows = torch.randint(0, input.shape[0], (sum(ROWS_PER_EXPERT),), generator=generator)
 
-    output, pre_activation, activated = torch.ops.switch_hf.expert_feed_forward_with_inner(
+    output, activated, activation_derivative = torch.ops.switch_hf.expert_feed_forward_with_inner(
         input, rows, ROWS_PER_EXPERT, up, up_bias, down, down_bias, activation
     )
-    expected_pre_activation = torch.cat(
+    pre_activation = torch.cat(
         [
             F.linear(input[expert_rows], up[expert], up_bias[expert])
             for expert, expert_rows in enumerate(rows.split(ROWS_PER_EXPERT))
         ]
+    ).requires_grad_()
+    expected_activated = ACTIVATIONS[activation](pre_activation)
+    expected_activated.backward(torch.ones_like(pre_activation))
+    torch.testing.assert_close(activated, expected_activated.detach(), rtol=1e-5, atol=1e-5)
+    # Away from ReLU's kink at 0, where rounding may put a pre-activation on either side.
+    away_from_kink = pre_activation.detach().abs() > 1e-4
+    torch.testing.assert_close(
+        activation_derivative[away_from_kink], pre_activation.grad[away_from_kink], rtol=1e-5, atol=1e-5
     )
-    torch.testing.assert_close(pre_activation, expected_pre_activation, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(activated, ACTIVATIONS[activation](pre_activation), rtol=1e-5, atol=2e-6)
     expected = torch_feed_forward(input, rows, ROWS_PER_EXPERT, up, up_bias, down, down_bias, activation)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
@@ -164,32 +184,20 @@ def test_expert_matmul_matches_one_product_per_expert(threads, rows_per_expert, 
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
-def test_activation_backward_is_the_activation_derivative_times_the_gradient(threads, activation):
+@EXPERT_PRODUCT_ROWS
+@pytest.mark.parametrize("stored", ["e-in-out", "e-out-in-transposed-view"])
+def test_expert_matmul_with_scale_scales_each_result(threads, rows_per_expert, stored):
     generator = torch.Generator().manual_seed(0)
-    # A wide range of pre-activations, 0 among them, in a shape whose size is not a multiple of 16.
-    pre_activation = torch.linspace(-12, 12, 37 * 41).reshape(37, 41)
-    grad = torch.randn(37, 41, generator=generator)
+    input = torch.randn(sum(rows_per_expert), 40, generator=generator)
+    if stored == "e-in-out":  # the kernel's tiles, up to 512 rows an expert
+        weight = torch.randn(len(rows_per_expert), 40, 70, generator=generator)
+    else:  # BLAS
+        weight = torch.randn(len(rows_per_expert), 70, 40, generator=generator).transpose(1, 2)
+    scale = torch.rand(sum(rows_per_expert), 70, generator=generator)
 
-    result = torch.ops.switch_hf.activation_backward(grad, pre_activation, activation)
-    inner = pre_activation.clone().requires_grad_()
-    ACTIVATIONS[activation](inner).backward(grad)
-    torch.testing.assert_close(result, inner.grad, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (dict(grad=torch.randn(4, 6)), r"grad and pre_activation must have one shape, got \[4, 6\] and \[4, 5\]"),
-        (dict(grad=torch.randn(4, 5).double()), "activation_backward: grad must be float32"),
-        (dict(activation="tanh"), "activation_backward: activation must be one of 'gelu', 'relu', 'identity'"),
-    ],
-)
-def test_activation_backward_rejects_bad_input_naming_the_argument(change, message):
-    arguments = dict(grad=torch.randn(4, 5), pre_activation=torch.randn(4, 5), activation="gelu")
-    arguments.update(change)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.switch_hf.activation_backward(*arguments.values())
+    output = torch.ops.switch_hf.expert_matmul(input, weight, rows_per_expert, scale)
+    expected = torch.cat([rows @ weight[expert] for expert, rows in enumerate(input.split(rows_per_expert))])
+    torch.testing.assert_close(output, expected * scale, rtol=1e-5, atol=1e-5)
 
 
 @EXPERT_PRODUCT_ROWS
@@ -370,10 +378,19 @@ def test_kernel_rejects_bad_input_naming_the_argument(change, message):
         (dict(rows_per_expert=[2, 4]), "rows_per_expert must have 3 entries"),
         (dict(rows_per_expert=[3, 4, -1]), "rows_per_expert must not be negative"),
         (dict(rows_per_expert=[2, 2, 1]), r"input must have sum\(rows_per_expert\) = 5 rows"),
+        (dict(scale=torch.randn(6, 4)), r"expert_matmul: scale must be \(6, 5\), got \[6, 4\]"),
+        (dict(scale=torch.randn(6, 5).double()), "expert_matmul: scale must be float32"),
+        (dict(scale=torch.randn(5, 6).t()), "expert_matmul: scale must be contiguous"),
+        (
+            dict(input=torch.randn(6, 4).bfloat16(), weight=torch.randn(3, 4, 5).bfloat16(), scale=torch.randn(6, 5)),
+            "expert_matmul: scale needs float32 input, got BFloat16",
+        ),
     ],
 )
 def test_expert_matmul_rejects_bad_input_naming_the_argument(change, message):
-    arguments = dict(input=torch.randn(6, 4), weight=torch.randn(3, 4, 5), rows_per_expert=[2, 2, 2])
+    arguments = dict(
+        input=torch.randn(6, 4), weight=torch.randn(3, 4, 5), rows_per_expert=[2, 2, 2], scale=None
+    )
     arguments.update(change)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.switch_hf.expert_matmul(*arguments.values())

@@ -368,10 +368,11 @@ def _plain_cpu(tensors) -> bool:
 class _ExpertNetworksOnKernel(torch.autograd.Function):
     """[`SwitchExperts`]' networks on switch_hf's fused kernel with autograd: `_experts_on_torch_products`' function.
 
-    The forward runs on `expert_feed_forward_with_inner`, which also returns the inner pre-activations and activations
-    the backward needs (what the per-expert products save too); the backward runs on per-expert BLAS products
-    (`sorted_linear_backward`) and the kernel's `activation_backward`: a fused backward kernel built like the
-    forward's measured slower (`docs/benchmarks.md`).
+    The forward runs on `expert_feed_forward_with_inner`, which also returns the inner activations and the
+    activation's derivatives there, the two (n, intermediate) tensors the backward needs (the per-expert products save
+    two as well: the pre-activations and activations). The backward runs on the kernel's per-expert products
+    (`expert_matmul`, scaled by the derivatives, and `expert_outer_products`, through `sorted_linear_backward`). A
+    backward fused like the forward, tile by tile, measured slower (`docs/benchmarks.md`).
     """
 
     @staticmethod
@@ -383,23 +384,25 @@ class _ExpertNetworksOnKernel(torch.autograd.Function):
         Returns:
             (n, h) the ungated outputs in sorted order.
         """
-        output, pre_activation, activated = torch.ops.switch_hf.expert_feed_forward_with_inner(
+        output, activated, activation_derivative = torch.ops.switch_hf.expert_feed_forward_with_inner(
             hidden_states, rows, rows_per_expert, up, up_bias, down, down_bias, activation
         )
-        ctx.save_for_backward(hidden_states, rows, up, down, pre_activation, activated)
-        ctx.rows_per_expert, ctx.activation = rows_per_expert, activation
+        ctx.save_for_backward(hidden_states, rows, up, down, activated, activation_derivative)
+        ctx.rows_per_expert = rows_per_expert
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden_states, rows, up, down, pre_activation, activated = ctx.saved_tensors
+        hidden_states, rows, up, down, activated, activation_derivative = ctx.saved_tensors
         needs_input_grad, _, needs_up_grad, needs_up_bias_grad, needs_down_grad, needs_down_bias_grad = (
             ctx.needs_input_grad[:6]
         )
-        grad_activated, grad_down, grad_down_bias = sorted_linear_backward(
-            activated, down, grad_output, ctx.rows_per_expert, False, True, needs_down_grad, needs_down_bias_grad
+        grad_output = grad_output.contiguous()
+        _, grad_down, grad_down_bias = sorted_linear_backward(
+            activated, down, grad_output, ctx.rows_per_expert, False, False, needs_down_grad, needs_down_bias_grad
         )
-        grad_inner = torch.ops.switch_hf.activation_backward(grad_activated, pre_activation, ctx.activation)
+        # The gradient through `down`, then through the activation: the gradient of the activation's input.
+        grad_inner = torch.ops.switch_hf.expert_matmul(grad_output, down, ctx.rows_per_expert, activation_derivative)
         grad_expert_input, grad_up, grad_up_bias = sorted_linear_backward(
             hidden_states.index_select(0, rows), up, grad_inner, ctx.rows_per_expert, False, needs_input_grad,
             needs_up_grad, needs_up_bias_grad,

@@ -299,20 +299,30 @@ def test_model_training_runs_its_forward_on_the_kernel_with_the_same_loss_and_gr
     assert expert_gradient.abs().sum() > 0
 
 
-@pytest.mark.parametrize("rows_per_expert, on_kernel", [([100, 0, 60, 90], True), ([300, 0, 280, 250], False)])
-def test_training_forward_runs_on_the_kernel_only_for_experts_with_few_rows(rows_per_expert, on_kernel):
-    """Above `KERNEL_TRAINING_MAX_ROWS_PER_EXPERT` rows an expert on average (empty experts not counted), writing
-    the inner values out for the backward costs more than the kernel saves: torch's products run instead."""
-    assert (sum(rows_per_expert) / 3 <= modeling_switch.KERNEL_TRAINING_MAX_ROWS_PER_EXPERT) == on_kernel
+# Experts of few rows, and one over the 512 rows up to which the backward's products run on the kernel's tiles.
+@pytest.mark.parametrize("rows_per_expert", [[100, 0, 60, 90], [300, 0, 600, 250]])
+def test_training_runs_on_the_kernel_with_torch_products_gradients(rows_per_expert):
     experts = SwitchExperts(tiny_config())
     for parameter in experts.parameters():
         torch.nn.init.normal_(parameter, std=0.1)
-    rows = torch.randn(sum(rows_per_expert), experts.up_proj.shape[2])
+    rows = torch.randn(sum(rows_per_expert), experts.up_proj.shape[2], requires_grad=True)
 
     def forward_and_backward():
-        modeling_switch.sorted_experts_feed_forward(experts, rows, rows_per_expert).sum().backward()
+        for tensor in [rows, *experts.parameters()]:
+            tensor.grad = None
+        modeling_switch.sorted_experts_feed_forward(experts, rows, rows_per_expert).square().sum().backward()
+        return [tensor.grad for tensor in [rows, *experts.parameters()]]
 
-    assert kernel_calls(forward_and_backward, "expert_feed_forward_with_inner") == int(on_kernel)
+    assert kernel_calls(forward_and_backward, "expert_feed_forward_with_inner") == 1
+    on_kernel = forward_and_backward()
+    modeling_switch.use_expert_kernel = False
+    try:
+        assert kernel_calls(forward_and_backward, "expert_feed_forward_with_inner") == 0
+        expected = forward_and_backward()
+    finally:
+        modeling_switch.use_expert_kernel = True
+    for gradient, expected_gradient in zip(on_kernel, expected):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_is_not_used_where_it_cannot_run():

@@ -480,17 +480,6 @@ def sorted_mm_experts_forward(
 # benchmark times both side by side).
 use_expert_kernel = True
 
-# In training the kernel also writes every row's inner values out for the backward, which costs about as much as the
-# per-expert BLAS products lose to their weight packing at 128 rows an expert: above this many rows an expert on
-# average, the training forward runs on torch's products (at 4,096 tokens, one thread, side by side: 512 rows an
-# expert, 78 against 75 ms; 128 rows, 84 against 85; 32 rows, 99 against 134).
-KERNEL_TRAINING_MAX_ROWS_PER_EXPERT = 256
-
-
-def _rows_per_used_expert(rows_per_expert: list[int]) -> float:
-    used = sum(1 for rows in rows_per_expert if rows > 0)
-    return sum(rows_per_expert) / max(used, 1)
-
 
 def sorted_experts_feed_forward(
     self: nn.Module, hidden_states: torch.Tensor, rows_per_expert: list[int], rows: torch.Tensor | None = None
@@ -498,8 +487,7 @@ def sorted_experts_feed_forward(
     """The experts' feed-forward networks on rows taken in expert order, ungated: (n, h).
 
     The matrix-product part of "sorted_mm", between the grouping by expert and the combine back to row order: on
-    switch_hf's fused kernel where it runs (`_expert_kernel_runs`; in training, for experts of at most
-    `KERNEL_TRAINING_MAX_ROWS_PER_EXPERT` rows on average), else on torch's products.
+    switch_hf's fused kernel where it runs (`_expert_kernel_runs`), else on torch's products.
 
     Args:
         hidden_states: (p, h).
@@ -508,13 +496,10 @@ def sorted_experts_feed_forward(
     """
     if not _expert_kernel_runs(self, hidden_states):
         return _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)
-    needs_gradients = _needs_gradients(self, hidden_states)
-    if needs_gradients and _rows_per_used_expert(rows_per_expert) > KERNEL_TRAINING_MAX_ROWS_PER_EXPERT:
-        return _experts_on_torch_products(self, hidden_states, rows_per_expert, rows)
     if rows is None:
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
     weights = _kernel_weights(self)
-    if needs_gradients:
+    if _needs_gradients(self, hidden_states):
         return _ExpertNetworksOnKernel.apply(
             hidden_states.contiguous(), rows, *weights, rows_per_expert, self.kernel_activation
         )

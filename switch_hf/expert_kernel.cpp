@@ -821,7 +821,7 @@ void product_tile(const RowMajorProduct& p, int64_t m0, int64_t n0, int64_t colu
   }
 }
 
-// Every row of the product on columns [n0, n0 + kProductColumns), whole tiles first, then the last M % 6 rows alone.
+// Every row of the product on columns [n0, n0 + kProductColumns), whole tiles first, then one tile of the last M % 6.
 template <bool kStream>
 void product_block(const RowMajorProduct& p, int64_t n0) {
   const int64_t columns = std::min<int64_t>(kProductColumns, p.N - n0);
@@ -830,7 +830,15 @@ void product_block(const RowMajorProduct& p, int64_t n0) {
   for (; m0 + kProductRows <= p.M; m0 += kProductRows) {
     product_tile<kProductRows, kStream>(p, m0, n0, columns, m0 == 0 ? next : nullptr);
   }
-  for (; m0 < p.M; ++m0) product_tile<1, kStream>(p, m0, n0, columns, m0 == 0 ? next : nullptr);
+  const float* rest_next = m0 == 0 ? next : nullptr;
+  switch (p.M - m0) {
+    case 5: product_tile<5, kStream>(p, m0, n0, columns, rest_next); break;
+    case 4: product_tile<4, kStream>(p, m0, n0, columns, rest_next); break;
+    case 3: product_tile<3, kStream>(p, m0, n0, columns, rest_next); break;
+    case 2: product_tile<2, kStream>(p, m0, n0, columns, rest_next); break;
+    case 1: product_tile<1, kStream>(p, m0, n0, columns, rest_next); break;
+    default: break;
+  }
 }
 
 // The product's blocks of columns [block_begin, block_end).

@@ -578,7 +578,8 @@ def print_report(report: dict):
         f"{'experts':>7}  {'contender':<36} {'fwd ms':>8} {'/dense':>7} {'/floor':>7} {'ST/this':>7}   "
         f"{'f+b ms':>8} {'/dense':>7} {'/floor':>7} {'ST/this':>7}   {'peak MB':>8} {'/dense':>7}"
     )
-    print(f"\nthreads={report['threads']}  tokens={report['tokens']}  hidden={report['hidden']}  ffn={report['ffn']}  "
+    print(f"\n{report['cpu']}, threads={report['threads']}  tokens={report['tokens']}  hidden={report['hidden']}  "
+          f"ffn={report['ffn']}  "
           f"expert kernel: {'yes' if report['expert_kernel'] else 'no'}  "
           f"load average before/after: {report['load_average_before']} / {report['load_average_after']}")
     print(header)
@@ -624,6 +625,19 @@ def print_report(report: dict):
         print(f"  [{'met' if check['met'] else 'MISSED'}] {check['target']}: {check['measured']} (limit {check['limit']})")
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it (the ratios depend on it: MKL's speed differs between vendors), else
+    the architecture."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -644,7 +658,7 @@ def main(argv=None):
         "expert_kernel": expert_kernel.is_registered(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }

@@ -852,12 +852,23 @@ void row_major_product(const RowMajorProduct& p, int64_t block_begin, int64_t bl
   }
 }
 
-// Runs `product_of(expert)` (a RowMajorProduct) for every expert that `on_kernel` accepts, each expert's blocks of
-// columns split between threads by their rows (an expert of r rows costs about r per block), then `fallback(expert)`
-// for every other expert, one after the other: BLAS, each product on all threads.
-template <typename ProductOf, typename OnKernel, typename Fallback>
-void run_expert_products(c10::IntArrayRef rows_per_expert, int64_t columns, const ProductOf& product_of,
-                         const OnKernel& on_kernel, const Fallback& fallback) {
+// Runs every expert's product. Where `on_tiles` (the operands are float32 rows), experts of 1 to
+// kMaxRowsForProductKernel rows run on row_major_product(product_of(expert)), each expert's blocks of columns split
+// between threads by rows (an expert of r rows costs about r per block), and every other expert then runs
+// `on_blas(expert)` (BLAS), one after the other, each product on all threads. Otherwise every expert runs on_blas,
+// split between threads by `split_experts_between_threads`.
+template <typename ProductOf, typename OnBlas>
+void run_expert_products(c10::IntArrayRef rows_per_expert, const std::vector<int64_t>& first_row, int64_t columns,
+                         bool on_tiles, const ProductOf& product_of, const OnBlas& on_blas) {
+  if (!on_tiles) {
+    split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
+      for (int64_t expert = expert_begin; expert < expert_end; ++expert) on_blas(expert);
+    });
+    return;
+  }
+  const auto on_kernel = [&](int64_t expert) {
+    return rows_per_expert[expert] > 0 && rows_per_expert[expert] <= kMaxRowsForProductKernel;
+  };
   const int64_t num_experts = (int64_t)rows_per_expert.size();
   const int64_t blocks = (columns + kProductColumns - 1) / kProductColumns;
   std::vector<int64_t> item_expert, first_cost{0};  // one item per (expert, block)
@@ -881,7 +892,7 @@ void run_expert_products(c10::IntArrayRef rows_per_expert, int64_t columns, cons
     });
   }
   for (int64_t expert = 0; expert < num_experts; ++expert) {
-    if (!on_kernel(expert)) fallback(expert);
+    if (!on_kernel(expert)) on_blas(expert);
   }
 }
 
@@ -924,27 +935,18 @@ at::Tensor expert_matmul(const at::Tensor& input, const at::Tensor& weight, c10:
     at::mm_out(expert_output, input_values.narrow(0, first_row[expert], rows_per_expert[expert]), weight_values[expert]);
     if (scale.has_value()) expert_output.mul_(scale->narrow(0, first_row[expert], rows_per_expert[expert]));
   };
-  if (!rows_are_float_vectors(input_values) || !rows_are_float_vectors(weight_values)) {
-    split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
-      for (int64_t expert = expert_begin; expert < expert_end; ++expert) product_on_blas(expert);
-    });
-    return output;
-  }
-  const float* input_data = input_values.data_ptr<float>();
-  const float* weight_data = weight_values.data_ptr<float>();
   const auto weight_of = [&](int64_t expert) {
-    return expert < num_experts ? weight_data + expert * weight_values.stride(0) : nullptr;
+    return expert < num_experts ? weight_values.data_ptr<float>() + expert * weight_values.stride(0) : nullptr;
   };
   run_expert_products(
-      rows_per_expert, out,
+      rows_per_expert, first_row, out, rows_are_float_vectors(input_values) && rows_are_float_vectors(weight_values),
       [&](int64_t expert) {
-        return RowMajorProduct{input_data + first_row[expert] * input_values.stride(0), input_values.stride(0), 1,
-                               weight_of(expert), weight_values.stride(1),
+        return RowMajorProduct{input_values.data_ptr<float>() + first_row[expert] * input_values.stride(0),
+                               input_values.stride(0), 1, weight_of(expert), weight_values.stride(1),
                                output.data_ptr<float>() + first_row[expert] * out, out,
                                rows_per_expert[expert], out, in, weight_of(expert + 1),
                                scale.has_value() ? scale->data_ptr<float>() + first_row[expert] * out : nullptr};
       },
-      [&](int64_t expert) { return rows_per_expert[expert] > 0 && rows_per_expert[expert] <= kMaxRowsForProductKernel; },
       product_on_blas);
   return output;
 }
@@ -975,25 +977,17 @@ at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right
     at::mm_out(expert_output, left_values.narrow(0, first_row[expert], rows_per_expert[expert]).t(),
                right_values.narrow(0, first_row[expert], rows_per_expert[expert]));
   };
-  if (!rows_are_float_vectors(left_values) || !rows_are_float_vectors(right_values)) {
-    split_experts_between_threads(first_row, [&](int64_t expert_begin, int64_t expert_end) {
-      for (int64_t expert = expert_begin; expert < expert_end; ++expert) product_on_blas(expert);
-    });
-    return output;
-  }
-  const float* left_data = left_values.data_ptr<float>();
-  const float* right_data = right_values.data_ptr<float>();
   const int64_t left_stride = left_values.stride(0), right_stride = right_values.stride(0);
+  const auto right_of = [&](int64_t expert) {
+    return expert < num_experts ? right_values.data_ptr<float>() + first_row[expert] * right_stride : nullptr;
+  };
   run_expert_products(
-      rows_per_expert, q,
+      rows_per_expert, first_row, q, rows_are_float_vectors(left_values) && rows_are_float_vectors(right_values),
       [&](int64_t expert) {
-        const float* next_right = expert + 1 < num_experts ? right_data + first_row[expert + 1] * right_stride : nullptr;
-        return RowMajorProduct{left_data + first_row[expert] * left_stride, 1, left_stride,
-                               right_data + first_row[expert] * right_stride, right_stride,
-                               output.data_ptr<float>() + expert * p * q, q, p, q, rows_per_expert[expert],
-                               next_right, nullptr};
+        return RowMajorProduct{left_values.data_ptr<float>() + first_row[expert] * left_stride, 1, left_stride,
+                               right_of(expert), right_stride, output.data_ptr<float>() + expert * p * q, q, p, q,
+                               rows_per_expert[expert], right_of(expert + 1), nullptr};
       },
-      [&](int64_t expert) { return rows_per_expert[expert] > 0 && rows_per_expert[expert] <= kMaxRowsForProductKernel; },
       product_on_blas);
   return output;
 }

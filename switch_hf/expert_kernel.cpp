@@ -7,8 +7,8 @@
 //   output[i] = down[e] @ act(up[e] @ input[rows[i]] + up_bias[e]) + down_bias[e]    for sorted position i of expert e
 //
 // or, for top-1 routing, the combine as well: result[rows[i]] = gate[i] * output[i], in the input's row order.
-// switch_hf::expert_feed_forward_with_inner, the forward of training, also returns the inner pre-activations and
-// activations the backward reads. switch_hf::expert_matmul and switch_hf::expert_outer_products run the backward's
+// switch_hf::expert_feed_forward_with_inner, the forward of training, also returns the inner activations and the
+// activation's derivatives there, which the backward reads. switch_hf::expert_matmul and switch_hf::expert_outer_products run the backward's
 // input-gradient and weight-gradient products per expert, on row-major register tiles (row_major_product) for
 // experts of up to kMaxRowsForProductKernel rows and on BLAS above, expert_matmul's results scaled by the inner
 // activation's derivatives, which the forward of training exports with the activations.
@@ -106,7 +106,7 @@ inline void normal_cdf_and_density(__m512 x, __m512& cdf, __m512& density) {
 inline __m512 gelu(__m512 x) {
   __m512 cdf, density;
   normal_cdf_and_density(x, cdf, density);
-  return _mm512_mul_ps(x, cdf);  // as activate_with_derivative's
+  return _mm512_mul_ps(x, cdf);  // the same operations as activate_with_derivative's: training and inference agree
 }
 
 inline __m512 activate(Activation activation, __m512 x) {

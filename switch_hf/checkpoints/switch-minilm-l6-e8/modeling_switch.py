@@ -553,7 +553,7 @@ def _expert_kernel_runs(experts: nn.Module, hidden_states: torch.Tensor) -> bool
     The `switch_hf` package builds and registers the kernel when imported, on CPUs with AVX-512 (`expert_kernel.py`).
     It runs float32 [`SwitchExperts`] on the CPU, outside autocast, with a GELU or ReLU activation
     (`kernel_activation`), no active expert dropout and contiguous plain-tensor weights, with or without autograd
-    (its backward on per-expert BLAS products); everything else (a model loaded with `trust_remote_code` alone among
+    (its backward on the kernel's product tiles); everything else (a model loaded with `trust_remote_code` alone among
     them) runs on torch.
     """
     if not use_expert_kernel or not hasattr(torch.ops.switch_hf, "expert_feed_forward_with_inner"):

@@ -8,10 +8,10 @@
 //
 // or, for top-1 routing, the combine as well: result[rows[i]] = gate[i] * output[i], in the input's row order.
 // switch_hf::expert_feed_forward_with_inner, the forward of training, also returns the inner activations and the
-// activation's derivatives there, which the backward reads. switch_hf::expert_matmul and switch_hf::expert_outer_products run the backward's
-// input-gradient and weight-gradient products per expert, on row-major register tiles (row_major_product) for
-// experts of up to kMaxRowsForProductKernel rows and on BLAS above, expert_matmul's results scaled by the inner
-// activation's derivatives, which the forward of training exports with the activations.
+// activation's derivatives there, which the backward reads. switch_hf::expert_matmul and
+// switch_hf::expert_outer_products run the backward's input-gradient and weight-gradient products per expert, on
+// row-major register tiles (row_major_product) for experts of up to kMaxRowsForProductKernel rows and on BLAS above;
+// expert_matmul scales its results by the derivatives, which takes the gradient through the activation.
 //
 // Why not one BLAS call per expert: each call first packs its whole weight operand, which a 4,096-row dense layer
 // amortises and an expert's 32-128 rows do not; a weight that comes from memory (every expert's, every step) is read

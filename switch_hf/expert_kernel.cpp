@@ -751,7 +751,7 @@ void check_one_dtype_on_cpu(const at::Tensor& first, const at::Tensor& second, c
 // Why not BLAS: a BLAS call per expert packs its operands for a product of 32-512 rows, and at a weight gradient's
 // K of 32-128 rows the packing and its output writes cost more than the arithmetic. One thread, 4,096 tokens, h 384,
 // intermediate 1,536, ms for BLAS -> these tiles (docs/benchmarks.md): weight gradients 79 -> 46 at 128 experts, 57 ->
-// 46 at 32, 51 -> 47 at 8; input gradients 82 -> 53 and 80 -> 61 at 128 experts. Above kMaxRowsForProductKernel rows
+// 46 at 32, 51 -> 47 at 8; input gradients 82 -> 54 and 80 -> 55 at 128 experts. Above kMaxRowsForProductKernel rows
 // A and B no longer stay in cache between blocks, and BLAS is faster (a single expert of 4,096 rows: 128 against 51).
 struct RowMajorProduct {
   const float* a;
@@ -805,7 +805,7 @@ void product_tile(const RowMajorProduct& p, int64_t m0, int64_t n0, int64_t colu
 #pragma GCC unroll 64
   for (int r = 0; r < R; ++r) {
     float* out_row = p.out + (m0 + r) * p.out_row_stride + n0;
-    const float* scale_row = p.scale + (m0 + r) * p.out_row_stride + n0;
+    const float* scale_row = p.scale != nullptr ? p.scale + (m0 + r) * p.out_row_stride + n0 : nullptr;
 #pragma GCC unroll 8
     for (int v = 0; v < kProductVectors; ++v) {
       __m512 result = acc[r * kProductVectors + v];

@@ -278,7 +278,7 @@ def expert_networks(block: SwitchSparseBlock, inputs: torch.Tensor):
     experts = block.experts
     tokens = inputs.reshape(-1, inputs.shape[-1])
     with torch.no_grad():
-        pairs, _ = block.router(tokens, torch.ones(tokens.shape[0], dtype=torch.bool))
+        _, pairs, _ = block.router(tokens, torch.ones(tokens.shape[0], dtype=torch.bool))
     order, rows_per_expert = group_by_expert(pairs.expert, experts.num_experts)
     sorted_tokens = tokens.index_select(0, pairs.token[order])
 

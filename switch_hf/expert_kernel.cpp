@@ -995,6 +995,8 @@ at::Tensor expert_outer_products(const at::Tensor& left, const at::Tensor& right
 }  // namespace
 
 TORCH_LIBRARY(switch_hf, library) {
+  // The ops' autograd formulas and fake kernels are registered from Python, by expert_kernel.register_formulas.
+  library.set_python_module("switch_hf.expert_kernel");
   library.def(
       "expert_feed_forward(Tensor input, Tensor row_index, int[] rows_per_expert, Tensor up, Tensor? up_bias, "
       "Tensor down, Tensor? down_bias, str activation, Tensor? gate=None) -> Tensor");

@@ -16,6 +16,7 @@ This file and `configuration_switch.py` import only torch and transformers, so t
 them with a checkpoint for `trust_remote_code=True`.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,11 +28,26 @@ from transformers import BertModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_mm
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_switch import SwitchConfig
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs products in on this device type, or None outside an autocast region."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_disabled(device_type: str):
+    """A context that turns autocast off on this device type (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LayerRouting(NamedTuple):
@@ -47,6 +63,12 @@ class LayerRouting(NamedTuple):
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped_fraction: torch.Tensor
+
+    @classmethod
+    def regroup(cls, fields: tuple[torch.Tensor, ...]) -> list["LayerRouting"]:
+        """The routings of a layer from the flat tuple of their fields that `SwitchLayer.forward` returns."""
+        size = len(cls._fields)
+        return [cls(*fields[start : start + size]) for start in range(0, len(fields), size)]
 
 
 class RoutedPairs(NamedTuple):
@@ -75,14 +97,19 @@ class SwitchRouter(nn.Module):
         self.dtype = getattr(torch, config.router_dtype)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
-    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> tuple[RoutedPairs, LayerRouting]:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, RoutedPairs, LayerRouting]:
         """
         Args:
-            tokens: (t, h).
-            token_mask: (t,) bool, False for padding: padding is never routed and never counted in the losses.
+            hidden_states: (..., h), e.g. (b, s, h) or (t, h).
+            token_mask: (...) bool, False for padding: padding is never routed and never counted in the losses.
         Returns:
-            The kept (token, expert) pairs and the routing summary (losses, load, dropped fraction).
+            The router logits (..., e) in float32 (what `output_router_logits` records), the kept (token,
+            expert) pairs, tokens numbered in flattened (t,) order, and the routing summary (losses, load, drops).
         """
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (t, h)
+        token_mask = token_mask.reshape(-1)  # (t,)
         router_logits = self.logits(tokens).float()  # (t, e)
         # softmax through the log-normaliser, which the z-loss needs as well: computed once, and `softmax` over a
         # short last dimension (a few experts) is several times slower than this.
@@ -95,26 +122,39 @@ class SwitchRouter(nn.Module):
 
         capacity_factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
         kept = self._within_capacity(expert_choice, token_mask, capacity_factor)  # (t, k) bool
-        token, choice = kept.nonzero(as_tuple=True)  # (p,), (p,)
-        pairs = RoutedPairs(
-            token=token,
-            choice=choice,
-            expert=expert_choice[token, choice],
-            gate=gate[token, choice].to(tokens.dtype),
-        )
-        return pairs, self._routing_summary(
-            router_logits, log_normalizer, router_probs, expert_choice, kept, token_mask
-        )
+        if torch.compiler.is_compiling():
+            # A compiled graph needs shapes that do not depend on the data: every (token, choice) pair travels, a
+            # dropped or padding pair with gate 0, hence a zero output, instead of being left out by `nonzero`.
+            num_tokens, top_k = expert_choice.shape
+            pairs = RoutedPairs(
+                token=torch.arange(num_tokens, device=tokens.device).repeat_interleave(top_k),
+                choice=torch.arange(top_k, device=tokens.device).repeat(num_tokens),
+                expert=expert_choice.reshape(-1),
+                gate=(gate * kept).reshape(-1).to(tokens.dtype),
+            )
+        else:
+            token, choice = kept.nonzero(as_tuple=True)  # (p,), (p,)
+            pairs = RoutedPairs(
+                token=token,
+                choice=choice,
+                expert=expert_choice[token, choice],
+                gate=gate[token, choice].to(tokens.dtype),
+            )
+        summary = self._routing_summary(router_logits, log_normalizer, router_probs, expert_choice, kept, token_mask)
+        return router_logits.view(*hidden_states.shape[:-1], -1), pairs, summary
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (t, h) -> router logits (t, e) in the router dtype."""
-        # Selective precision (Fedus et al., 2021, section 2.4): the softmax over experts is unstable in bfloat16.
-        tokens = tokens.to(self.dtype)
-        if self.training and self.jitter_noise > 0:
-            # The noise perturbs only the routing decision, never the experts' input.
-            noise = torch.empty_like(tokens).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            tokens = tokens * noise
-        return F.linear(tokens, self.weight.to(self.dtype))  # (t, e)
+        # Selective precision (Fedus et al., 2021, section 2.4): the softmax over experts is unstable in bfloat16, so
+        # the router computes in its own dtype whatever the model's dtype, and outside autocast, which would round
+        # the product to bfloat16 before the float32 softmax.
+        with _autocast_disabled(tokens.device.type):
+            tokens = tokens.to(self.dtype)
+            if self.training and self.jitter_noise > 0:
+                # The noise perturbs only the routing decision, never the experts' input.
+                noise = torch.empty_like(tokens).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+                tokens = tokens * noise
+            return F.linear(tokens, self.weight.to(self.dtype))  # (t, e)
 
     def _within_capacity(
         self, expert_choice: torch.Tensor, token_mask: torch.Tensor, capacity_factor: float | None
@@ -134,7 +174,10 @@ class SwitchRouter(nn.Module):
         # Choice-major order: all first choices, then all second choices. Padding goes to an extra bucket `e`.
         pair_expert = expert_choice.t().masked_fill(~routable.t(), self.num_experts).reshape(-1)  # (k * t,)
         sorted_expert, order = torch.sort(pair_expert, stable=True)
-        pairs_per_expert = torch.bincount(sorted_expert, minlength=self.num_experts + 1)  # (e + 1,)
+        # Counted into a fixed-size tensor: bincount's output size depends on the data, which torch.compile rejects.
+        pairs_per_expert = torch.zeros(self.num_experts + 1, dtype=torch.long, device=pair_expert.device).index_add_(
+            0, sorted_expert, torch.ones_like(sorted_expert)
+        )  # (e + 1,)
         first_slot = pairs_per_expert.cumsum(0) - pairs_per_expert
         rank_sorted = torch.arange(pair_expert.numel(), device=pair_expert.device) - first_slot[sorted_expert]
         rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (k * t,) position in its expert
@@ -164,7 +207,7 @@ class SwitchRouter(nn.Module):
         z_loss = ((log_normalizer.squeeze(-1) ** 2) * weight).sum() / num_real
 
         tokens_per_expert = torch.zeros(self.num_experts, device=weight.device).index_add_(
-            0, expert_choice[kept], torch.ones_like(expert_choice[kept], dtype=torch.float)
+            0, expert_choice.reshape(-1), kept.reshape(-1).float()
         )  # (e,)
         dropped_fraction = 1.0 - kept.sum() / (num_real * top_k)
         return LayerRouting(
@@ -182,8 +225,10 @@ class SwitchExperts(nn.Module):
     """`num_experts` feed-forward networks (h -> intermediate -> h) stored as stacked 3D parameters.
 
     The layout (`up_proj`: (e, intermediate, h), `down_proj`: (e, h, intermediate), each with a bias) is the one
-    transformers' experts interface expects, so `experts_implementation="sorted_mm" | "eager" | "batched_mm" |
-    "grouped_mm"` selects how the experts run, and transformers' expert-parallel plan can shard them.
+    transformers' experts interface expects, so `experts_implementation="by_device" | "sorted_mm" | "grouped_mm" |
+    "eager" | "batched_mm"` selects how the experts run, and transformers' expert-parallel plan can shard them.
+    `by_device`, the default, runs `sorted_mm` on CPU tensors and `grouped_mm` on GPU tensors, decided at each call
+    (`by_device_experts_forward`).
 
     Every implementation receives only the routed (token, expert) pairs: capacity and dropping are decided by
     [`SwitchRouter`] beforehand, so all implementations share the same semantics. Expert ids outside
@@ -224,7 +269,8 @@ class SwitchExperts(nn.Module):
             token, choice = torch.where(top_k_index == expert)
             inner = self.act_fn(F.linear(hidden_states[token], self.up_proj[expert], self.up_proj_bias[expert]))
             expert_output = F.linear(inner, self.down_proj[expert], self.down_proj_bias[expert])
-            output.index_add_(0, token, expert_output * top_k_weights[token, choice, None])
+            # Under autocast the products are in its lower precision; the sum stays in the input's dtype.
+            output.index_add_(0, token, (expert_output * top_k_weights[token, choice, None]).to(output.dtype))
         return output
 
 
@@ -275,6 +321,17 @@ class _SortedExpertsLinear(torch.autograd.Function):
             input, weight, grad_output, ctx.rows_per_expert, ctx.is_transposed, *ctx.needs_input_grad[:3]
         )
         return *gradients, None, None
+
+
+def sorted_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows_per_expert: list[int], is_transposed: bool
+) -> torch.Tensor:
+    """[`_SortedExpertsLinear`] with the dtype rule of `F.linear`: inside an autocast region the products run in
+    autocast's dtype, elsewhere in the weight's. The casts happen outside the autograd function, so gradients reach
+    float32 weights in float32, as they do through an autocast `nn.Linear`."""
+    dtype = _autocast_dtype(input.device.type) or weight.dtype
+    bias = bias.to(dtype) if bias is not None else None
+    return _SortedExpertsLinear.apply(input.to(dtype), weight.to(dtype), bias, rows_per_expert, is_transposed)
 
 
 def sorted_linear_backward(
@@ -365,54 +422,6 @@ def _plain_cpu(tensors) -> bool:
     return all(type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type == "cpu" for tensor in tensors)
 
 
-class _ExpertNetworksOnKernel(torch.autograd.Function):
-    """[`SwitchExperts`]' networks on switch_hf's fused kernel with autograd: `_experts_on_torch_products`' function.
-
-    The forward runs on `expert_feed_forward_with_inner`, which also returns the inner activations and the
-    activation's derivatives there, the two (n, intermediate) tensors the backward needs (the per-expert products save
-    two as well: the pre-activations and activations). The backward runs on the kernel's per-expert products
-    (`expert_matmul`, scaled by the derivatives, and `expert_outer_products`, through `sorted_linear_backward`). A
-    backward fused like the forward, tile by tile, measured slower (`docs/benchmarks.md`).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_states, rows, up, up_bias, down, down_bias, rows_per_expert: list[int], activation: str):
-        """
-        Args:
-            hidden_states: (p, h); rows: (n,) the row of `hidden_states` at each sorted position.
-            up: (e, intermediate, h), down: (e, h, intermediate), and their biases (e, ...) or None.
-        Returns:
-            (n, h) the ungated outputs in sorted order.
-        """
-        output, activated, activation_derivative = torch.ops.switch_hf.expert_feed_forward_with_inner(
-            hidden_states, rows, rows_per_expert, up, up_bias, down, down_bias, activation
-        )
-        ctx.save_for_backward(hidden_states, rows, up, down, activated, activation_derivative)
-        ctx.rows_per_expert = rows_per_expert
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        hidden_states, rows, up, down, activated, activation_derivative = ctx.saved_tensors
-        needs_input_grad, _, needs_up_grad, needs_up_bias_grad, needs_down_grad, needs_down_bias_grad = (
-            ctx.needs_input_grad[:6]
-        )
-        grad_output = grad_output.contiguous()
-        _, grad_down, grad_down_bias = sorted_linear_backward(
-            activated, down, grad_output, ctx.rows_per_expert, False, False, needs_down_grad, needs_down_bias_grad
-        )
-        # The gradient through `down`, then through the activation: the gradient of the activation's input.
-        grad_inner = torch.ops.switch_hf.expert_matmul(grad_output, down, ctx.rows_per_expert, activation_derivative)
-        grad_expert_input, grad_up, grad_up_bias = sorted_linear_backward(
-            hidden_states.index_select(0, rows), up, grad_inner, ctx.rows_per_expert, False, needs_input_grad,
-            needs_up_grad, needs_up_bias_grad,
-        )  # fmt: skip
-        grad_hidden_states = None
-        if needs_input_grad:  # the sorted rows' gradients, summed into the rows they were read from
-            grad_hidden_states = torch.zeros_like(hidden_states).index_add_(0, rows, grad_expert_input)
-        return grad_hidden_states, None, grad_up, grad_up_bias, grad_down, grad_down_bias, None, None
-
-
 def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
     """Orders rows by expert for `_SortedExpertsLinear`.
 
@@ -442,7 +451,7 @@ def inverse_permutation(permutation: torch.Tensor, size: int | None = None) -> t
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The "sorted_mm" experts implementation, the default on machines without CUDA.
+    """The "sorted_mm" experts implementation, which the default, "by_device", runs on CPU tensors.
 
     Sorts the (row, expert) pairs by expert once, then runs each expert as plain dense matrix products on its
     contiguous slice (see `_SortedExpertsLinear`). Nothing builds a per-expert mask over all rows, the Python loop
@@ -465,8 +474,11 @@ def sorted_mm_experts_forward(
     top_k = top_k_index.shape[1]
     order, rows_per_expert = group_by_expert(top_k_index.reshape(-1), self.num_experts)  # (n,) pairs that run
     rows = order // top_k if top_k > 1 else order  # (n,) the row of `hidden_states` behind each pair
-    if top_k == 1 and _expert_kernel_runs(self, hidden_states) and not _needs_gradients(self, hidden_states):
+    combine_on_kernel = top_k == 1 and not _needs_gradients(self, hidden_states, top_k_weights)
+    if combine_on_kernel and _expert_kernel_runs(self, hidden_states):
         # Each row runs at most once, so the kernel also gates each output and writes it back to its row: the combine.
+        # Only where nothing needs a gradient; where the gate does (training the router), the combine below gives it
+        # its gradient, and the experts' networks do not run again in the backward.
         gate = top_k_weights.reshape(-1)[order].float()
         expert_output = torch.ops.switch_hf.expert_feed_forward(
             hidden_states.contiguous(), rows, rows_per_expert, *_kernel_weights(self), self.kernel_activation, gate
@@ -500,9 +512,14 @@ def sorted_experts_feed_forward(
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
     weights = _kernel_weights(self)
     if _needs_gradients(self, hidden_states):
-        return _ExpertNetworksOnKernel.apply(
-            hidden_states.contiguous(), rows, *weights, rows_per_expert, self.kernel_activation
+        # The forward of training: it also returns the inner activations and the activation's derivatives there, the
+        # two (n, intermediate) tensors its backward reads (`expert_kernel.register_formulas`), which runs on the
+        # kernel's per-expert products. A backward fused like the forward, tile by tile, measured slower
+        # (`docs/benchmarks.md`).
+        output, _, _ = torch.ops.switch_hf.expert_feed_forward_with_inner(
+            hidden_states.contiguous(), rows, rows_per_expert, *weights, self.kernel_activation
         )
+        return output
     return torch.ops.switch_hf.expert_feed_forward(
         hidden_states.contiguous(), rows, rows_per_expert, *weights, self.kernel_activation
     )
@@ -518,12 +535,12 @@ def _experts_on_torch_products(
         up_weight, up_bias = self.up_proj, self.up_proj_bias if self.has_bias else None
     down_bias = self.down_proj_bias if self.has_bias else None
 
-    expert_input = (hidden_states if rows is None else hidden_states.index_select(0, rows)).to(up_weight.dtype)
-    inner = _SortedExpertsLinear.apply(
+    expert_input = hidden_states if rows is None else hidden_states.index_select(0, rows)
+    inner = sorted_linear(
         expert_input, up_weight, up_bias, rows_per_expert, self.is_transposed
     )  # (n, intermediate), or (n, 2 * intermediate) when gated
     inner = self._apply_gate(inner) if self.has_gate else self.act_fn(inner)  # (n, intermediate)
-    expert_output = _SortedExpertsLinear.apply(
+    expert_output = sorted_linear(
         inner, self.down_proj, down_bias, rows_per_expert, self.is_transposed
     )  # (n, h)
     if self.has_post_expert_norm:
@@ -542,8 +559,10 @@ def _expert_weights(experts: nn.Module) -> list[torch.Tensor]:
     return [weight for weight in _kernel_weights(experts) if weight is not None]
 
 
-def _needs_gradients(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
-    tensors = [hidden_states, *_expert_weights(experts)]
+def _needs_gradients(experts: nn.Module, hidden_states: torch.Tensor, *gates: torch.Tensor) -> bool:
+    """Whether autograd will differentiate the experts' outputs: with respect to their input, their weights, or the
+    `gates` that scale them (the router's gradient from the loss goes through the gates)."""
+    tensors = [hidden_states, *gates, *_expert_weights(experts)]
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
@@ -589,6 +608,12 @@ def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top
     """
     num_rows, top_k = top_k_weights.shape
     position = inverse_permutation(order, num_rows * top_k)  # (p * k,) where each pair's output is, -1: did not run
+    if order.shape[0] == num_rows * top_k:
+        # Every pair ran (dropless, or compiled code, where dropped pairs run with a zero gate): each row has k pairs,
+        # and no mask selects them, whose size would depend on the data.
+        offsets = torch.arange(0, num_rows * top_k, top_k, device=order.device)
+        weights = top_k_weights.reshape(-1).to(expert_output.dtype)
+        return F.embedding_bag(position, expert_output, offsets=offsets, mode="sum", per_sample_weights=weights)
     ran = position >= 0
     pairs_per_row = ran.view(num_rows, top_k).sum(dim=1)  # (p,)
     return F.embedding_bag(
@@ -600,9 +625,28 @@ def combine_expert_outputs(expert_output: torch.Tensor, order: torch.Tensor, top
     )
 
 
+def by_device_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The "by_device" experts implementation, switch-hf's default: "sorted_mm" where the rows are on the CPU (dense
+    matrix products, and switch_hf's fused kernel where it applies), transformers' "grouped_mm" on any other device
+    (one grouped product per projection instead of a loop over the experts).
+
+    Decided at each call from where the tensors are, not when the model is built: a model kept on the CPU of a machine
+    with a GPU runs "sorted_mm", and the same model moved to the GPU runs "grouped_mm". Code compiled with
+    `torch.compile` runs "grouped_mm" on the CPU as well: "sorted_mm" reads the per-expert row counts on the host, a
+    graph break, where the grouped product takes them as a tensor. Arguments and result as in
+    [`sorted_mm_experts_forward`].
+    """
+    if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
+        return sorted_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
+
+
 # Registered globally, like transformers' own implementations: `experts_implementation="sorted_mm"` then works for
-# every model whose experts use `@use_experts_implementation`, and appears in the list of valid names.
+# every model whose experts use `@use_experts_implementation`, and both names appear in the list of valid ones.
 ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_mm_experts_forward)
+ALL_EXPERTS_FUNCTIONS.register("by_device", by_device_experts_forward)
 
 
 class SwitchSparseBlock(nn.Module):
@@ -622,7 +666,7 @@ class SwitchSparseBlock(nn.Module):
             The block's output (b, s, h), zero for dropped and padding tokens, and the block's routing.
         """
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (t, h)
-        pairs, routing = self.router(tokens, token_mask.reshape(-1))
+        _, pairs, routing = self.router(hidden_states, token_mask)
         # The experts receive only the kept pairs, never the (tokens, k) routing with dropped pairs marked: transformers'
         # own `grouped_mm` and `batched_mm` skip out-of-range expert ids only under expert parallelism.
         # Top-1 with no token dropped and no padding (dropless evaluation, most batches): the pairs are the tokens in
@@ -638,8 +682,32 @@ class SwitchSparseBlock(nn.Module):
         output = torch.zeros_like(tokens).index_add_(0, pairs.token, expert_output)  # (t, h)
         return output.view_as(hidden_states), routing
 
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor, dropout: float,
+    return_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention of (b, heads, q, head_dim) queries over (b, heads, s, head_dim) keys and values.
+
+    Runs `F.scaled_dot_product_attention`, which never materialises the attention probabilities. With
+    `return_weights` (for `output_attentions=True`) the same computation is written out so the probabilities
+    (b, heads, q, s) can be returned too; otherwise the weights are None.
+
+    Args:
+        attention_mask: (b, 1, 1, s) bool, True where a key may be attended to.
+        dropout: dropout probability on the attention probabilities (0 outside training).
+    Returns:
+        The attended values (b, heads, q, head_dim) and the weights or None.
+    """
+    if not return_weights:
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+        return attended, None
+    scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5  # (b, heads, q, s)
+    weights = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    return F.dropout(weights, p=dropout) @ value, weights
+
+
 class SwitchAttention(nn.Module):
-    """Multi-head self-attention over the whole sequence through `scaled_dot_product_attention`."""
+    """Multi-head self-attention over the whole sequence (see `attend`)."""
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
@@ -651,18 +719,93 @@ class SwitchAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """hidden_states: (b, s, h); attention_mask: (b, 1, 1, s) bool, True where a key may be attended to."""
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            hidden_states: (b, s, h).
+            attention_mask: (b, 1, 1, s) bool, True where a key may be attended to.
+            output_attentions: also return the attention probabilities.
+        Returns:
+            The output (b, s, h) and the attention probabilities (b, heads, s, s), or None.
+        """
         batch, seq, _ = hidden_states.shape
         heads_shape = (batch, seq, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
         key = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
         value = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        attended, weights = attend(
+            query, key, value, attention_mask, self.dropout if self.training else 0.0, output_attentions
         )  # (b, heads, s, head_dim)
         attended = attended.transpose(1, 2).reshape(batch, seq, -1)  # (b, s, h)
-        return self.o_proj(attended)
+        return self.o_proj(attended), weights
+
+
+class ExpertGroups(NamedTuple):
+    """Rows grouped by expert for `experts_linear`, on one of two paths.
+
+    order: (p,) the rows that run, grouped by expert and in their original order within each expert. Then either
+    rows_per_expert: how many rows each expert has, read on the host (one product per expert), or
+    offsets: (e,) int32 where each expert's rows end and expert: (p,) each grouped row's expert, on the device (one
+    grouped product, no host sync).
+    """
+
+    order: torch.Tensor
+    rows_per_expert: list[int] | None = None
+    offsets: torch.Tensor | None = None
+    expert: torch.Tensor | None = None
+
+
+def group_rows_by_expert(expert_ids: torch.Tensor, num_experts: int, grouped: bool) -> ExpertGroups:
+    """(n,) the expert of each row -> `ExpertGroups`, for one grouped product if `grouped` (every id must then be in
+    [0, num_experts): rows past the last expert's would be left unwritten), else for one product per expert."""
+    if not grouped:
+        return ExpertGroups(*group_by_expert(expert_ids, num_experts))
+    expert, order = torch.sort(expert_ids, stable=True)  # (p,), (p,)
+    # Where each expert's rows end, found on the device: bincount would read the largest id on the host first.
+    offsets = torch.searchsorted(expert, torch.arange(num_experts, device=expert.device), right=True, out_int32=True)
+    return ExpertGroups(order, offsets=offsets, expert=expert)
+
+
+def experts_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: ExpertGroups
+) -> torch.Tensor:
+    """`output[rows of expert i] = input[rows of expert i] @ weight[i].T + bias[i]` for `input` (p, in) grouped by
+    `groups`, `weight` (e, out, in) and `bias` (e, out) or None: `sorted_linear` on the per-expert path, one grouped
+    product (`F.grouped_mm`) on the grouped path. (p, out)."""
+    if groups.rows_per_expert is not None:
+        return sorted_linear(input, weight, bias, groups.rows_per_expert, False)
+    # grouped_mm is not on autocast's list: cast as autocast casts a product, so that both paths compute alike.
+    # transformers' dispatcher runs torch's grouped product, or, in compiled code outside bfloat16 (which inductor's
+    # grouped product does not take), its own traceable per-group loop.
+    dtype = _autocast_dtype(input.device.type) or weight.dtype
+    output = _grouped_mm(input.to(dtype), weight.to(dtype).transpose(1, 2), offs=groups.offsets)  # (p, out)
+    if bias is not None:  # grouped_mm takes no per-group bias: gather one per row
+        output = output + bias.to(dtype).index_select(0, groups.expert)
+    return output
+
+
+def _grouped_products_run(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the attention experts' projections run as one grouped product rather than one product per expert.
+
+    On CUDA, where the per-expert loop costs a host sync (reading the row counts) and a launch per expert and
+    projection: where torch has `F.grouped_mm`, on compute capability 8.0 or higher, in bfloat16 (its grouped
+    kernel) or float32 (torch's loop over the groups), and rows of whole 16-byte blocks, as the grouped kernel reads
+    them; float16 needs cuBLASLt's grouped GEMM, so it runs per expert. On the CPU, one BLAS product per expert is as
+    fast and needs no alignment. Code compiled with `torch.compile` always takes the grouped product, on any device:
+    the per-expert loop reads the row counts on the host, a graph break.
+    """
+    if torch.compiler.is_compiling():
+        return True  # the per-expert loop's host-side row counts would be a graph break
+    if input.device.type != "cuda" or not hasattr(F, "grouped_mm"):
+        return False
+    dtype = _autocast_dtype("cuda") or weight.dtype
+    if dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if torch.cuda.get_device_capability(input.device) < (8, 0):
+        return False
+    return all(size * dtype.itemsize % 16 == 0 for size in weight.shape[1:])
 
 
 class SwitchAttentionExperts(nn.Module):
@@ -699,21 +842,29 @@ class SwitchAttentionExperts(nn.Module):
         self.o_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden))
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, token_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, LayerRouting]:
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_mask: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerRouting]:
         """
         Args:
             hidden_states: (b, s, h).
             attention_mask: (b, 1, 1, s) bool, True where a key may be attended to.
             token_mask: (b, s) bool, False for padding.
+            output_attentions: also return the attention probabilities.
         Returns:
-            The attention output (b, s, h), zero for dropped and padding tokens, and the routing.
+            The attention output (b, s, h), zero for dropped and padding tokens; the attention probabilities
+            (b, heads, k * s, s), row `c * s + i` for choice c of token i (zero rows for dropped or padding queries),
+            or None; and the routing.
         """
         batch, seq, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (t, h)
         num_tokens = tokens.shape[0]
-        pairs, routing = self.router(tokens, token_mask.reshape(-1))
-        order, rows_per_expert = group_by_expert(pairs.expert, self.num_experts)  # pairs grouped by expert
+        _, pairs, routing = self.router(hidden_states, token_mask)
+        groups = group_rows_by_expert(pairs.expert, self.num_experts, _grouped_products_run(tokens, self.q_proj))
+        order = groups.order  # pairs grouped by expert
         token = pairs.token[order]  # (p,)
         # Each (token, choice) pair is its own query. Its slot in a (b, k, s) layout makes each sequence's k*s
         # queries contiguous, so they attend to that sequence's s keys with no reshuffling.
@@ -724,9 +875,7 @@ class SwitchAttentionExperts(nn.Module):
         every_pair_kept = slot.shape[0] == self.top_k * num_tokens
         unsort = inverse_permutation(slot) if every_pair_kept else None
 
-        pair_queries = _SortedExpertsLinear.apply(
-            tokens.index_select(0, token), self.q_proj, self.q_proj_bias, rows_per_expert, False
-        )  # (p, h)
+        pair_queries = experts_linear(tokens.index_select(0, token), self.q_proj, self.q_proj_bias, groups)  # (p, h)
         if every_pair_kept:
             queries = pair_queries.index_select(0, unsort)  # (k*t, h)
         else:
@@ -735,19 +884,17 @@ class SwitchAttentionExperts(nn.Module):
         heads_shape = (batch, seq, self.num_heads, self.head_dim)
         keys = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
         values = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
-        attended = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        attended, weights = attend(
+            queries, keys, values, attention_mask, self.dropout if self.training else 0.0, output_attentions
         )  # (b, heads, k*s, head_dim)
         attended = attended.transpose(1, 2).reshape(self.top_k * num_tokens, hidden)  # (k*t, h) in slot order
 
-        pair_output = _SortedExpertsLinear.apply(
-            attended.index_select(0, slot), self.o_proj, self.o_proj_bias, rows_per_expert, False
-        )  # (p, h)
+        pair_output = experts_linear(attended.index_select(0, slot), self.o_proj, self.o_proj_bias, groups)  # (p, h)
         gates = pairs.gate.new_zeros(num_tokens, self.top_k)  # (t, k), read only where a pair was kept
         gates[pairs.token, pairs.choice] = pairs.gate
         pair_id = token * self.top_k + pairs.choice[order]  # (p,) the (token, choice) behind each sorted pair
         output = combine_expert_outputs(pair_output, pair_id, gates)  # (t, h)
-        return output.view_as(hidden_states), routing
+        return output.view_as(hidden_states), weights, routing
 
 
 class SwitchFeedForward(nn.Module):
@@ -789,16 +936,31 @@ class SwitchLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, token_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, list[LayerRouting]]:
-        """hidden_states: (b, s, h) -> (b, s, h) and the routing of each of the layer's routers, attention first."""
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_mask: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """
+        Args:
+            hidden_states: (b, s, h).
+            attention_mask: (b, 1, 1, s) bool, True where a key may be attended to.
+            token_mask: (b, s) bool, False for padding.
+            output_attentions: have the attention return its probabilities (recorded by `SwitchModel`).
+        Returns:
+            The layer's output (b, s, h), then the fields of each of its routers' [`LayerRouting`], attention router
+            first, all in one flat tuple of tensors: reentrant gradient checkpointing differentiates only the
+            tensors a layer returns at the top level, so the router losses must not travel in a nested structure.
+            `LayerRouting.regroup` undoes the flattening.
+        """
         routings = []
         normed = self.attention_norm(hidden_states)
         if self.routes_attention:
-            attention_output, routing = self.attention(normed, attention_mask, token_mask)
+            attention_output, _, routing = self.attention(normed, attention_mask, token_mask, output_attentions)
             routings.append(routing)
         else:
-            attention_output = self.attention(normed, attention_mask)
+            attention_output, _ = self.attention(normed, attention_mask, output_attentions)
         hidden_states = hidden_states + self.dropout(attention_output)
 
         if self.routes_feed_forward:
@@ -807,7 +969,7 @@ class SwitchLayer(GradientCheckpointingLayer):
         else:
             feed_forward_output = self.mlp(self.mlp_norm(hidden_states))
         # A dropped token's expert output is zero: the residual carries it through unchanged.
-        return hidden_states + self.dropout(feed_forward_output), routings
+        return hidden_states + self.dropout(feed_forward_output), *(field for routing in routings for field in routing)
 
 
 @dataclass
@@ -815,11 +977,17 @@ class SwitchModelOutput(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Output of the last Switch layer, after the final LayerNorm.
-    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
-        The backbone's output followed by each Switch layer's output, each `(batch_size, sequence_length, hidden)`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
+        The backbone's output followed by each Switch layer's output, each `(batch_size, sequence_length, hidden)`;
+        the last is `last_hidden_state` (after the final LayerNorm), as in transformers' other models.
+        `output_hidden_states` may also be a list of indices (e.g. `[0, -1]`): the others are then None.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+        Each Switch layer's attention probabilities, `(batch_size, num_heads, sequence_length, sequence_length)`;
+        `(batch_size, num_heads, top_k * sequence_length, sequence_length)` for attention experts (one query per
+        choice).
     router_logits (`tuple(torch.FloatTensor)`, *optional*, returned with `output_router_logits=True`):
-        Each router's logits, `(batch_size, sequence_length, num_experts)`, in the router dtype. There is one router
-        per Switch layer, two in a layer of kind "both"; `config.router_names` names them in this order.
+        Each router's logits, `(batch_size, sequence_length, num_experts)`, in float32. There is one router per
+        Switch layer, two in a layer of kind "both"; `config.router_names` names them in this order.
     expert_indices (`tuple(torch.LongTensor)`):
         Each router's chosen experts, `(batch_size, sequence_length, top_k)`; -1 where a token was dropped for lack
         of capacity or is padding.
@@ -835,6 +1003,7 @@ class SwitchModelOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     expert_indices: tuple[torch.LongTensor, ...] | None = None
     tokens_per_expert: torch.FloatTensor | None = None
@@ -854,7 +1023,7 @@ class SwitchTokenReconstructionOutput(ModelOutput):
         Token cross-entropy over the positions whose label is not -100.
     aux_loss (`torch.FloatTensor` of shape `()`):
         `router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`.
-    load_balancing_loss, router_z_loss, hidden_states, router_logits, expert_indices, tokens_per_expert,
+    load_balancing_loss, router_z_loss, hidden_states, attentions, router_logits, expert_indices, tokens_per_expert,
     dropped_fraction:
         As in [`SwitchModelOutput`].
     """
@@ -866,6 +1035,7 @@ class SwitchTokenReconstructionOutput(ModelOutput):
     load_balancing_loss: torch.FloatTensor | None = None
     router_z_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     expert_indices: tuple[torch.LongTensor, ...] | None = None
     tokens_per_expert: torch.FloatTensor | None = None
@@ -880,6 +1050,16 @@ class SwitchPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SwitchLayer", "BertLayer", "BertEmbeddings"]
     _supports_sdpa = True
+    # Selective precision (Fedus et al., 2021): the routers stay float32 when the model is loaded in bfloat16 or
+    # float16; they compute in `router_dtype` whatever the weights' dtype.
+    _keep_in_fp32_modules_strict = ["router"]
+    # What `output_hidden_states`, `output_attentions` and `output_router_logits` return, recorded by hooks on these
+    # modules' outputs (transformers' `capture_outputs`).
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(SwitchLayer, index=0),
+        "attentions": [OutputRecorder(SwitchAttention, index=1), OutputRecorder(SwitchAttentionExperts, index=1)],
+        "router_logits": OutputRecorder(SwitchRouter, index=0),
+    }
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -898,11 +1078,12 @@ class SwitchPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """transformers defaults to `grouped_mm`; where CUDA is missing, `sorted_mm` runs the experts at dense speed
-        instead (see `sorted_mm_experts_forward`). An explicit choice is kept, and an unknown one still fails with
-        the list of valid names."""
-        if requested_experts is None and not torch.cuda.is_available():
-            requested_experts = "sorted_mm"
+        """transformers defaults to `grouped_mm`, whose CPU path is slower than `sorted_mm`; switch-hf defaults to
+        `by_device`, which picks between the two at each call from where the tensors are (see
+        `by_device_experts_forward`), whatever devices the machine has. An explicit choice is kept, and an unknown one
+        still fails with the list of valid names."""
+        if requested_experts is None:
+            requested_experts = "by_device"
         return super().get_correct_experts_implementation(requested_experts)
 
     def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
@@ -1057,17 +1238,15 @@ class SwitchModel(SwitchPreTrainedModel):
             self.backbone.eval()
         return self
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         backbone_hidden_states: torch.FloatTensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SwitchModelOutput | tuple:
+    ) -> SwitchModelOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -1078,44 +1257,48 @@ class SwitchModel(SwitchPreTrainedModel):
                 Segment ids for the backbone.
             backbone_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
                 Precomputed backbone output (e.g. `BertModel(...).last_hidden_state`), used instead of `input_ids`.
-            output_hidden_states (`bool`, *optional*): return the backbone's and every Switch layer's output.
-            output_router_logits (`bool`, *optional*): return every layer's router logits.
+            output_hidden_states (`bool` or `list[int]`, *optional*): return the backbone's and every Switch layer's
+                output, or those at the given indices.
+            output_attentions (`bool`, *optional*): return every Switch layer's attention probabilities.
+            output_router_logits (`bool`, *optional*): return every router's logits.
+            return_dict (`bool`, *optional*): return a [`SwitchModelOutput`] (the default) or a tuple.
         """
-        if kwargs:
-            raise TypeError(f"SwitchModel.forward got unexpected arguments: {sorted(kwargs)}")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        unexpected = sorted(set(kwargs) - {"output_hidden_states", "output_attentions", "output_router_logits"})
+        if unexpected:
+            raise TypeError(f"SwitchModel.forward got unexpected arguments: {unexpected}")
+        output_attentions = kwargs.get("output_attentions")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
 
         hidden_states, token_mask = self._embed(input_ids, attention_mask, token_type_ids, backbone_hidden_states)
         attention_mask = token_mask[:, None, None, :]  # (b, 1, 1, s) keys each query may attend to
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not hidden_states.requires_grad:
+            # Reentrant checkpointing differentiates a layer only through inputs that require grad: behind a frozen
+            # backbone (or precomputed hidden states) none does, and the first layer's weights would get no gradient.
+            hidden_states = hidden_states.detach().requires_grad_()
 
-        all_hidden_states = (hidden_states,)
         routings = []
         for layer in self.layers:
-            hidden_states, layer_routings = layer(hidden_states, attention_mask, token_mask)
-            all_hidden_states += (hidden_states,)
-            routings.extend(layer_routings)
+            hidden_states, *routing_fields = layer(
+                hidden_states, attention_mask, token_mask, output_attentions=output_attentions
+            )
+            routings.extend(LayerRouting.regroup(routing_fields))
         hidden_states = self.norm(hidden_states)
 
         batch, seq, _ = hidden_states.shape
-        output = SwitchModelOutput(
+        # With the layers spread over several devices (`device_map`), each router's statistics live on its layer's.
+        device = hidden_states.device
+
+        def stacked(field: str) -> torch.Tensor:
+            return torch.stack([getattr(routing, field).to(device) for routing in routings])  # (routers, ...)
+
+        return SwitchModelOutput(
             last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states if output_hidden_states else None,
-            router_logits=tuple(r.router_logits.view(batch, seq, -1) for r in routings)
-            if output_router_logits
-            else None,
-            expert_indices=tuple(r.expert_index.view(batch, seq, -1) for r in routings),
-            tokens_per_expert=torch.stack([r.tokens_per_expert for r in routings]),
-            dropped_fraction=torch.stack([r.dropped_fraction for r in routings]),
-            load_balancing_loss=torch.stack([r.load_balancing_loss for r in routings]).mean(),
-            router_z_loss=torch.stack([r.z_loss for r in routings]).mean(),
+            expert_indices=tuple(routing.expert_index.view(batch, seq, -1) for routing in routings),
+            tokens_per_expert=stacked("tokens_per_expert"),
+            dropped_fraction=stacked("dropped_fraction"),
+            load_balancing_loss=stacked("load_balancing_loss").mean(),
+            router_z_loss=stacked("z_loss").mean(),
         )
-        return output if return_dict else output.to_tuple()
 
     def _embed(self, input_ids, attention_mask, token_type_ids, backbone_hidden_states):
         """Checks the inputs and returns the backbone's hidden states (b, s, h) and the token mask (b, s) bool."""
@@ -1126,7 +1309,9 @@ class SwitchModel(SwitchPreTrainedModel):
                 raise ValueError(f"`input_ids` must be (batch_size, sequence_length), got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            # Reading the ids' range waits for the data; a compiled graph cannot, and skips this check.
+            checks_values = input_ids.numel() and not torch.compiler.is_compiling()
+            if checks_values and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
                 raise ValueError(
                     f"`input_ids` must be in [0, {self.config.vocab_size - 1}] (the vocabulary), got values from "
                     f"{input_ids.min().item()} to {input_ids.max().item()}"
@@ -1149,7 +1334,8 @@ class SwitchModel(SwitchPreTrainedModel):
                 raise ValueError("`token_type_ids` is for the backbone; it cannot apply to `backbone_hidden_states`.")
 
         if attention_mask is None:
-            token_mask = torch.ones(batch_shape, dtype=torch.bool, device=self.device)
+            inputs = input_ids if input_ids is not None else backbone_hidden_states
+            token_mask = torch.ones(batch_shape, dtype=torch.bool, device=inputs.device)
         elif tuple(attention_mask.shape) != batch_shape:
             raise ValueError(
                 f"`attention_mask` must have shape (batch_size, sequence_length)={batch_shape}, "
@@ -1210,8 +1396,6 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
         backbone_hidden_states: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         only_labeled_logits: bool = False,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
@@ -1226,9 +1410,13 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
                 in row-major position order. The head dominates the cost of a training step, and most positions of
                 a masked-token objective carry no loss.
             num_items_in_batch (`int`, *optional*):
-                Labelled tokens in the whole (gradient-accumulated) batch, as `Trainer` passes it: the cross-entropy
-                is then summed and divided by it, so accumulated steps weigh every token equally.
-            Other arguments: as in [`SwitchModel.forward`].
+                Labelled tokens in the whole (gradient-accumulated) batch, as `Trainer` passes it. Trainer then adds
+                the micro-batches' losses without dividing them, so each part is scaled to its share of the whole
+                batch: the cross-entropy is summed and divided by `num_items_in_batch`, and the router losses (means
+                over this micro-batch) are weighted by this micro-batch's labelled tokens over `num_items_in_batch`.
+                Accumulated steps then train as one step on the whole batch would.
+            Other arguments (`output_hidden_states`, `output_attentions`, `output_router_logits`): as in
+                [`SwitchModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -1236,8 +1424,6 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             backbone_hidden_states=backbone_hidden_states,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
             return_dict=True,
             **kwargs,
         )
@@ -1262,10 +1448,13 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
             token_losses = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
+            labeled_here = (labels != -100).sum()
             if num_items_in_batch is None:
-                num_items_in_batch = (labels != -100).sum().clamp(min=1)
-            reconstruction_loss = token_losses / num_items_in_batch
-            loss = reconstruction_loss + aux_loss
+                reconstruction_loss = token_losses / labeled_here.clamp(min=1)
+                loss = reconstruction_loss + aux_loss
+            else:
+                reconstruction_loss = token_losses / num_items_in_batch
+                loss = reconstruction_loss + aux_loss * (labeled_here / num_items_in_batch)
 
         output = SwitchTokenReconstructionOutput(
             loss=loss,
@@ -1275,6 +1464,7 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
             load_balancing_loss=outputs.load_balancing_loss,
             router_z_loss=outputs.router_z_loss,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             expert_indices=outputs.expert_indices,
             tokens_per_expert=outputs.tokens_per_expert,

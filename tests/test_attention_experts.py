@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from switch_hf import SwitchConfig, SwitchForTokenReconstruction
+from switch_hf import SwitchConfig, SwitchForTokenReconstruction, modeling_switch
 from switch_hf.modeling_switch import SwitchAttention, SwitchAttentionExperts, SwitchFeedForward, SwitchSparseBlock
 
 from conftest import TINY_VOCAB, tiny_config
@@ -95,8 +95,8 @@ def test_one_attention_expert_is_plain_multi_head_attention(training):
     layer.train(training)
     dense.train(training)
     hidden, attention_mask, token_mask = inputs(config)
-    output, routing = layer(hidden, attention_mask, token_mask)
-    expected = dense(hidden, attention_mask) * token_mask.unsqueeze(-1)  # padding is not routed: zero output
+    output, _, routing = layer(hidden, attention_mask, token_mask)
+    expected = dense(hidden, attention_mask)[0] * token_mask.unsqueeze(-1)  # padding is not routed: zero output
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
     assert routing.dropped_fraction.item() == 0.0
 
@@ -106,11 +106,11 @@ def test_each_token_gets_its_experts_attention_scaled_by_the_gate(num_experts, t
     """Reference: for every kept (token, expert) pair, that expert's dense attention at the token, times the gate."""
     config, layer = attention_experts(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor)
     hidden, attention_mask, token_mask = inputs(config)
-    output, routing = layer(hidden, attention_mask, token_mask)
+    output, _, routing = layer(hidden, attention_mask, token_mask)
 
     probabilities = routing.router_logits.softmax(-1)  # (t, e)
     dense_outputs = [
-        dense_attention_of_expert(config, layer, expert)(hidden, attention_mask).reshape(-1, config.hidden_size)
+        dense_attention_of_expert(config, layer, expert)(hidden, attention_mask)[0].reshape(-1, config.hidden_size)
         for expert in range(num_experts)
     ]
     expected = torch.zeros_like(dense_outputs[0])
@@ -125,7 +125,7 @@ def test_each_token_gets_its_experts_attention_scaled_by_the_gate(num_experts, t
 def test_capacity_is_respected_and_dropped_tokens_output_zero(num_experts, top_k, capacity_factor):
     config, layer = attention_experts(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor)
     hidden, attention_mask, token_mask = inputs(config, batch=4, seq=12)
-    output, routing = layer(hidden, attention_mask, token_mask)
+    output, _, routing = layer(hidden, attention_mask, token_mask)
 
     real_tokens = token_mask.sum().item()
     capacity = -(-capacity_factor * top_k * real_tokens // num_experts)
@@ -146,14 +146,14 @@ def test_capacity_is_respected_and_dropped_tokens_output_zero(num_experts, top_k
 def test_padding_is_never_routed_nor_attended_to():
     config, layer = attention_experts(num_experts=4, top_k=2, capacity_factor=None)
     hidden, attention_mask, token_mask = inputs(config)
-    output, routing = layer(hidden, attention_mask, token_mask)
+    output, _, routing = layer(hidden, attention_mask, token_mask)
     padding = ~token_mask.reshape(-1)
     assert torch.all(routing.expert_index[padding] == -1)
     assert torch.all(output.reshape(-1, config.hidden_size)[padding] == 0)
 
     scrambled = hidden.clone()
     scrambled[~token_mask] = torch.randn_like(scrambled[~token_mask]) * 100.0
-    scrambled_output, scrambled_routing = layer(scrambled, attention_mask, token_mask)
+    scrambled_output, _, scrambled_routing = layer(scrambled, attention_mask, token_mask)
     torch.testing.assert_close(scrambled_output, output)
     assert torch.equal(scrambled_routing.expert_index, routing.expert_index)
     assert routing.load_balancing_loss.item() == pytest.approx(scrambled_routing.load_balancing_loss.item())
@@ -163,7 +163,7 @@ def test_gradients_reach_the_experts_the_shared_projections_and_the_router():
     config, layer = attention_experts(num_experts=4, top_k=1, capacity_factor=None)
     layer.train()
     hidden, attention_mask, token_mask = inputs(config)
-    output, routing = layer(hidden, attention_mask, token_mask)
+    output, _, routing = layer(hidden, attention_mask, token_mask)
     (output.square().sum() + routing.load_balancing_loss).backward()
     used = routing.tokens_per_expert > 0
     for name in ("q_proj", "o_proj", "q_proj_bias", "o_proj_bias"):
@@ -173,6 +173,48 @@ def test_gradients_reach_the_experts_the_shared_projections_and_the_router():
     for module in (layer.k_proj, layer.v_proj):
         assert module.weight.grad.abs().sum() > 0
     assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "top_k, capacity_factor, padding", [(1, None, (0, 3, 6)), (2, 0.75, (0, 3, 6)), (1, None, (10, 10, 10))],
+    ids=["top1-dropless", "top2-dropping", "all-padding"],
+)
+def test_grouped_products_match_the_per_expert_products_in_outputs_and_gradients(
+    monkeypatch, top_k, capacity_factor, padding
+):
+    """On CUDA the query and output projections run as one grouped product each (`F.grouped_mm`), with no per-expert
+    row counts read on the host; torch runs grouped_mm on the CPU too, so both paths are compared here."""
+    config, layer = attention_experts(num_experts=4, top_k=top_k, capacity_factor=capacity_factor)
+    layer.train()
+    hidden, attention_mask, token_mask = inputs(config, padding=padding)
+    hidden.requires_grad_()
+
+    def outputs_and_gradients():
+        layer.zero_grad(set_to_none=True)
+        hidden.grad = None
+        torch.manual_seed(1)  # the same router jitter in both runs
+        output, _, routing = layer(hidden, attention_mask, token_mask)
+        (output.square().sum() + routing.load_balancing_loss).backward()
+        gradients = {name: parameter.grad for name, parameter in layer.named_parameters()}
+        return output.detach(), hidden.grad, gradients
+
+    assert not modeling_switch._grouped_products_run(hidden, layer.q_proj)  # on the CPU: one product per expert
+    expected_output, expected_hidden_gradient, expected_gradients = outputs_and_gradients()
+    monkeypatch.setattr(modeling_switch, "_grouped_products_run", lambda input, weight: True)
+
+    def no_host_counts(*arguments):
+        raise AssertionError("the grouped path read the per-expert row counts on the host")
+
+    monkeypatch.setattr(modeling_switch, "group_by_expert", no_host_counts)
+    output, hidden_gradient, gradients = outputs_and_gradients()
+    torch.testing.assert_close(output, expected_output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden_gradient, expected_hidden_gradient, rtol=1e-5, atol=1e-6)
+    assert gradients.keys() == expected_gradients.keys()
+    for name, gradient in gradients.items():
+        expected_gradient = expected_gradients[name]
+        assert (gradient is None) == (expected_gradient is None), name
+        if gradient is not None:
+            torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --- in the model -------------------------------------------------------------------------------------------------

@@ -1,17 +1,21 @@
 """The experts implementations: same outputs and gradients as the eager reference, the `sorted_mm` kernel itself,
 how the default implementation is chosen, and bad choices."""
 
+import re
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from switch_hf import SwitchForTokenReconstruction
-from switch_hf.modeling_switch import SwitchSparseBlock, _SortedExpertsLinear
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from conftest import TINY_VOCAB, tiny_config
+from switch_hf import SwitchForTokenReconstruction, modeling_switch
+from switch_hf.modeling_switch import SwitchExperts, SwitchSparseBlock, _SortedExpertsLinear
 
-IMPLEMENTATIONS = ["sorted_mm", "grouped_mm", "batched_mm"]
+from conftest import REPO_ROOT, TINY_VOCAB, tiny_config
+
+IMPLEMENTATIONS = ["by_device", "sorted_mm", "grouped_mm", "batched_mm"]
 
 
 def random_ids(batch, seq):
@@ -221,23 +225,22 @@ def test_sorted_mm_serves_other_models_through_the_interface(model_name, with_au
 # --- choosing the implementation ----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="sorted_mm is the default only where CUDA is missing")
-def test_default_is_sorted_mm_on_cpu_and_an_explicit_choice_is_kept(tmp_path):
-    assert SwitchForTokenReconstruction(tiny_config()).config._experts_implementation == "sorted_mm"
+def test_default_is_by_device_and_an_explicit_choice_is_kept(tmp_path):
+    assert SwitchForTokenReconstruction(tiny_config()).config._experts_implementation == "by_device"
     config = tiny_config()
     config._experts_implementation = "grouped_mm"
     assert SwitchForTokenReconstruction(config).config._experts_implementation == "grouped_mm"
 
     SwitchForTokenReconstruction(tiny_config()).save_pretrained(tmp_path)
     assert "experts_implementation" not in (tmp_path / "config.json").read_text()  # a runtime choice, not saved
-    assert SwitchForTokenReconstruction.from_pretrained(tmp_path).config._experts_implementation == "sorted_mm"
+    assert SwitchForTokenReconstruction.from_pretrained(tmp_path).config._experts_implementation == "by_device"
     loaded = SwitchForTokenReconstruction.from_pretrained(tmp_path, experts_implementation="eager")
     assert loaded.config._experts_implementation == "eager"
     loaded.set_experts_implementation("batched_mm")
     assert loaded.config._experts_implementation == "batched_mm"
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sorted_mm", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("implementation", ["eager", *IMPLEMENTATIONS])
 def test_every_implementation_can_be_chosen_at_load_time(tmp_path, implementation):
     """The choice reaches the Switch layers only: the BERT backbone has no experts (and BertModel alone would reject
     "grouped_mm")."""
@@ -250,7 +253,7 @@ def test_every_implementation_can_be_chosen_at_load_time(tmp_path, implementatio
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
 
 
-VALID_NAMES = ("eager", "sorted_mm", "grouped_mm", "batched_mm")
+VALID_NAMES = ("eager", "by_device", "sorted_mm", "grouped_mm", "batched_mm")
 
 
 def test_unknown_implementation_fails_listing_the_valid_names_with_set_experts_implementation():
@@ -259,7 +262,7 @@ def test_unknown_implementation_fails_listing_the_valid_names_with_set_experts_i
         model.set_experts_implementation("nope")
     for name in VALID_NAMES:
         assert f'experts_implementation="{name}"' in str(error.value)
-    assert model.config._experts_implementation == "sorted_mm" or torch.cuda.is_available()  # unchanged
+    assert model.config._experts_implementation == "by_device"  # unchanged
 
 
 def test_unknown_implementation_fails_listing_the_valid_names_at_load_time(tmp_path):
@@ -269,3 +272,58 @@ def test_unknown_implementation_fails_listing_the_valid_names_at_load_time(tmp_p
     assert '"nope"' in str(error.value)
     for name in VALID_NAMES:
         assert f'experts_implementation="{name}"' in str(error.value)
+
+
+# --- the default follows the tensors' device --------------------------------------------------------------------------
+
+
+def test_the_default_runs_sorted_mm_on_cpu_tensors_on_a_machine_with_cuda(monkeypatch):
+    """The implementation is chosen where the experts run, not when the model is built: a model kept on the CPU of a
+    CUDA machine runs `sorted_mm` (and switch_hf's fused kernel where it applies), not `grouped_mm`'s CPU path."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = confident_model().eval()
+    sorted_mm, calls = modeling_switch.sorted_mm_experts_forward, []
+
+    def counting_sorted_mm(*arguments):
+        calls.append(arguments[1].device)
+        return sorted_mm(*arguments)
+
+    monkeypatch.setattr(modeling_switch, "sorted_mm_experts_forward", counting_sorted_mm)
+    input_ids = random_ids(2, 9)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        assert calls == [torch.device("cpu")] * model.config.num_switch_layers
+        assert model.config._experts_implementation == "by_device"
+        model.set_experts_implementation("eager")
+        torch.testing.assert_close(logits, model(input_ids=input_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_runs_grouped_mm_on_other_devices(monkeypatch):
+    """Off the CPU, `by_device` runs whatever transformers' interface holds as `grouped_mm` (here a stand-in, on
+    meta tensors: no accelerator needed)."""
+    calls = []
+    monkeypatch.setitem(
+        ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm", lambda self, rows, *_: calls.append(rows.device) or rows
+    )
+    config = tiny_config()
+    config._experts_implementation = "by_device"
+    with torch.device("meta"):
+        experts = SwitchExperts(config)
+        rows, index, gates = torch.empty(5, config.hidden_size), torch.zeros(5, 1, dtype=torch.long), torch.ones(5, 1)
+    experts(rows, index, gates)
+    assert calls == [torch.device("meta")]
+
+
+def test_every_implementation_the_readme_names_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Experts implementations") :]
+    paragraph = section[: section.index("\n\n", section.index("experts_implementation="))]
+    names = set(re.findall(r"`([a-z_]+)`", paragraph))
+    assert {"by_device", "sorted_mm", "grouped_mm", "eager"} <= names
+    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    input_ids = random_ids(2, 7)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        for name in sorted(names):
+            model.set_experts_implementation(name)
+            torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5, msg=name)

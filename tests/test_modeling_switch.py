@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertModel
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction, SwitchModel, modeling_switch
-from switch_hf.modeling_switch import SwitchLayer, SwitchSparseBlock
+from switch_hf.modeling_switch import LayerRouting, SwitchLayer, SwitchSparseBlock
 
 from conftest import BLOCK_SWITCH_HF, TINY_VOCAB, tiny_config
 
@@ -98,8 +98,9 @@ def test_dropped_tokens_leave_the_block_unchanged():
     layer = SwitchLayer(config, layer_index=0).eval()
     layer.moe = block
     attention_mask = mask[:, None, None, :]
-    after_attention = hidden + layer.attention(layer.attention_norm(hidden), attention_mask)
-    layer_output, (layer_routing,) = layer(hidden, attention_mask, mask)
+    after_attention = hidden + layer.attention(layer.attention_norm(hidden), attention_mask)[0]
+    layer_output, *routing_fields = layer(hidden, attention_mask, mask)
+    (layer_routing,) = LayerRouting.regroup(routing_fields)
     dropped = (layer_routing.expert_index == -1).all(-1).view(mask.shape)
     assert dropped.any()
     torch.testing.assert_close(layer_output[dropped], after_attention[dropped], rtol=0, atol=0)

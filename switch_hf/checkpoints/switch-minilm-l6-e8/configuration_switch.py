@@ -145,21 +145,39 @@ class SwitchConfig(PreTrainedConfig):
         self._check_fields()
         self.expert_kinds = self._expand_expert_kinds()
 
+    # The Switch layers share the backbone's hidden size, vocabulary, positions and padding id: these read and write
+    # the backbone's config, so that `resize_token_embeddings` and other code that sets them keep the two in step.
     @property
     def hidden_size(self) -> int:
         return self.backbone_config.hidden_size
+
+    @hidden_size.setter
+    def hidden_size(self, value: int):
+        self.backbone_config.hidden_size = value
 
     @property
     def vocab_size(self) -> int:
         return self.backbone_config.vocab_size
 
+    @vocab_size.setter
+    def vocab_size(self, value: int):
+        self.backbone_config.vocab_size = value
+
     @property
     def max_position_embeddings(self) -> int:
         return self.backbone_config.max_position_embeddings
 
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value: int):
+        self.backbone_config.max_position_embeddings = value
+
     @property
     def pad_token_id(self) -> int | None:
         return self.backbone_config.pad_token_id
+
+    @pad_token_id.setter
+    def pad_token_id(self, value: int | None):
+        self.backbone_config.pad_token_id = value
 
     @property
     def num_hidden_layers(self) -> int:

@@ -11,9 +11,10 @@ from transformers.configuration_utils import SubConfigSpec
 
 ROUTER_DTYPES = ("float32", "bfloat16", "float16")
 # What each Switch layer routes: its feed-forward sublayer (the Switch paper), its attention (mixture of attention
-# heads), or both. A pattern spells one letter per layer.
-EXPERT_KINDS = ("feed_forward", "attention", "both")
-EXPERT_KIND_LETTERS = {"f": "feed_forward", "a": "attention", "b": "both"}
+# heads), both, or nothing (a dense layer: the twin that a sparse layer is measured against). A pattern spells one
+# letter per layer.
+EXPERT_KINDS = ("feed_forward", "attention", "both", "dense")
+EXPERT_KIND_LETTERS = {"f": "feed_forward", "a": "attention", "b": "both", "d": "dense"}
 
 
 class SwitchConfig(PreTrainedConfig):
@@ -23,7 +24,9 @@ class SwitchConfig(PreTrainedConfig):
     Args:
         backbone_config (`BertConfig` or `dict`, *optional*):
             The BERT backbone whose embeddings feed the Switch layers. Its `hidden_size`, `vocab_size` and
-            `max_position_embeddings` are the model's. Defaults to bert-base-uncased's shape.
+            `max_position_embeddings` are the model's. Defaults to bert-base-uncased's shape. With
+            `num_hidden_layers=0` the backbone is BERT's embeddings only (its encoder is empty): a model trained
+            from scratch whose every transformer layer is a Switch layer.
         freeze_backbone (`bool`, defaults to `False`):
             Keep the backbone's weights fixed (and in eval mode) while training.
         num_switch_layers (`int`, defaults to 2):
@@ -39,9 +42,11 @@ class SwitchConfig(PreTrainedConfig):
         expert_kinds (`list[str]` or `str`, *optional*):
             What each Switch layer routes among experts, one entry per layer: `"feed_forward"` (a Switch MoE
             feed-forward block after dense attention, as in the Switch paper), `"attention"` (attention experts, see
-            [`SwitchAttentionExperts`], followed by a dense feed-forward block) or `"both"`. A string is a pattern
-            with one letter per layer: `"f"`, `"a"` or `"b"`, e.g. `"fa"`. Stored as the list of names. Defaults to
-            `"feed_forward"` for every layer.
+            [`SwitchAttentionExperts`], followed by a dense feed-forward block), `"both"`, or `"dense"` (dense
+            attention and one dense feed-forward block of an expert's size, no router: the dense twin of a
+            `"feed_forward"` layer, with the same active parameters per token). A string is a pattern with one letter
+            per layer: `"f"`, `"a"`, `"b"` or `"d"`, e.g. `"dfdf"` for the Switch paper's layout (every other
+            feed-forward block sparse). Stored as the list of names. Defaults to `"feed_forward"` for every layer.
         num_experts (`int`, defaults to 8):
             Number of experts of each router.
         expert_intermediate_size (`int`, *optional*):
@@ -187,10 +192,10 @@ class SwitchConfig(PreTrainedConfig):
     def router_names(self) -> list[str]:
         """One name per router, in the order the model runs them and reports their routing (`tokens_per_expert`,
         `dropped_fraction`, `expert_indices`): e.g. `["layer 0 feed_forward", "layer 1 attention", ...]`. A "both"
-        layer runs its attention router, then its feed-forward router."""
+        layer runs its attention router, then its feed-forward router; a "dense" layer has none."""
         names = []
         for index, kind in enumerate(self.expert_kinds):
-            routed = ["attention", "feed_forward"] if kind == "both" else [kind]
+            routed = {"both": ["attention", "feed_forward"], "dense": []}.get(kind, [kind])
             names.extend(f"layer {index} {sublayer}" for sublayer in routed)
         return names
 

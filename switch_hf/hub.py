@@ -315,7 +315,7 @@ def render_model_card(
         num_switch_layers=config.num_switch_layers,
         num_experts=config.num_experts,
         expert_kinds=config.expert_kinds,
-        attention_experts=any(kind != "feed_forward" for kind in config.expert_kinds),
+        attention_experts=any(kind in ("attention", "both") for kind in config.expert_kinds),
         top_k=config.top_k,
         expert_intermediate_size=config.expert_intermediate_size,
         capacity_factor_train=config.capacity_factor_train,

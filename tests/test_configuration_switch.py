@@ -71,3 +71,37 @@ def test_bad_values_name_the_field(field, value):
 def test_backbone_must_be_bert():
     with pytest.raises(ValueError, match="backbone_config must describe a BERT model"):
         SwitchConfig(backbone_config={"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize(
+    "pattern, kinds, routers",
+    [
+        ("dfdf", ["dense", "feed_forward", "dense", "feed_forward"], ["layer 1 feed_forward", "layer 3 feed_forward"]),
+        ("dd", ["dense", "dense"], []),
+        ("bd", ["both", "dense"], ["layer 0 attention", "layer 0 feed_forward"]),
+        (["dense", "attention"], ["dense", "attention"], ["layer 1 attention"]),
+    ],
+)
+def test_dense_layers_expand_from_letters_and_have_no_router(pattern, kinds, routers):
+    config = tiny_config(num_switch_layers=len(kinds), expert_kinds=pattern)
+    assert config.expert_kinds == kinds
+    assert config.router_names == routers
+
+
+@pytest.mark.parametrize("pattern", ["dx", "dF", "d "])
+def test_unknown_expert_kind_letters_still_fail(pattern):
+    with pytest.raises(ValueError, match="unknown letters"):
+        tiny_config(expert_kinds=pattern)
+
+
+def test_dense_kind_round_trips(tmp_path):
+    config = tiny_config(num_switch_layers=4, expert_kinds="dfdf")
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.expert_kinds == ["dense", "feed_forward", "dense", "feed_forward"]
+    assert loaded.router_names == config.router_names
+
+
+def test_an_embeddings_only_backbone_is_allowed():
+    config = tiny_config(backbone_config=BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=0, num_attention_heads=4))
+    assert config.backbone_config.num_hidden_layers == 0

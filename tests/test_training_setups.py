@@ -9,6 +9,10 @@ from switch_hf import SwitchForTokenReconstruction
 from switch_hf.modeling_switch import SwitchRouter
 
 from conftest import TINY_VOCAB, tiny_config
+from device import test_device
+
+# scripts/gpu_check.py runs this module on CUDA as well.
+DEVICE = test_device()
 
 EXPERTS_IMPLEMENTATIONS = ["eager", "sorted_mm", "batched_mm", "grouped_mm"]
 EXPERT_KINDS = ["ff", "aa", "bb"]
@@ -38,10 +42,10 @@ def gradients(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("implementation", EXPERTS_IMPLEMENTATIONS)
 @pytest.mark.parametrize("kinds", EXPERT_KINDS)
 def test_every_expert_kind_trains_and_evaluates_under_bfloat16_autocast(kinds, implementation):
-    model = SwitchForTokenReconstruction(tiny_config(expert_kinds=kinds, top_k=2))
+    model = SwitchForTokenReconstruction(tiny_config(expert_kinds=kinds, top_k=2)).to(DEVICE)
     model.set_experts_implementation(implementation)
-    ids = torch.randint(0, TINY_VOCAB, (2, 7))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ids = torch.randint(0, TINY_VOCAB, (2, 7), device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -58,12 +62,12 @@ def test_every_expert_kind_trains_and_evaluates_under_bfloat16_autocast(kinds, i
 
 def test_the_router_computes_in_float32_inside_autocast():
     config = tiny_config()
-    router = SwitchRouter(config).eval()  # no jitter noise
+    router = SwitchRouter(config).to(DEVICE).eval()  # no jitter noise
     torch.nn.init.normal_(router.weight, std=1.0)
-    hidden = torch.randn(3, 5, config.hidden_size)
-    mask = torch.ones(3, 5, dtype=torch.bool)
+    hidden = torch.randn(3, 5, config.hidden_size, device=DEVICE)
+    mask = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
     expected, *_ = router(hidden, mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         logits, _, routing = router(hidden, mask)
     assert logits.dtype == torch.float32
     # Bitwise: a bfloat16 product would be off by up to 1e-2 here.
@@ -73,13 +77,13 @@ def test_the_router_computes_in_float32_inside_autocast():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_routers_stay_float32_when_the_model_is_loaded_in_half_precision(tmp_path, dtype):
     SwitchForTokenReconstruction(tiny_config(expert_kinds="fb")).save_pretrained(tmp_path)
-    model = SwitchForTokenReconstruction.from_pretrained(tmp_path, dtype=dtype)
+    model = SwitchForTokenReconstruction.from_pretrained(tmp_path, dtype=dtype).to(DEVICE)
     dtypes = {name: param.dtype for name, param in model.named_parameters()}
     routers = [name for name in dtypes if ".router." in name]
     assert len(routers) == 3  # layer 0's feed-forward router, layer 1's attention and feed-forward routers
     assert all(dtypes[name] == torch.float32 for name in routers)
     assert dtypes["model.layers.0.moe.experts.up_proj"] == dtype
-    ids = torch.randint(0, TINY_VOCAB, (2, 5))
+    ids = torch.randint(0, TINY_VOCAB, (2, 5), device=DEVICE)
     out = model(input_ids=ids, output_router_logits=True)
     assert all(logits.dtype == torch.float32 for logits in out.router_logits)
 
@@ -98,7 +102,7 @@ def train_one_step(model, examples, output_dir, batch_size, accumulation_steps) 
         weight_decay=0.0,
         max_grad_norm=0.0,
         report_to="none",
-        use_cpu=True,
+        use_cpu=DEVICE.type == "cpu",
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
@@ -114,7 +118,7 @@ def test_gradient_accumulation_trains_as_one_full_batch(tmp_path):
     sequence = torch.randint(0, TINY_VOCAB, (9,))
     examples = [{"input_ids": sequence, "labels": sequence} for _ in range(4)]
     torch.manual_seed(0)
-    model = SwitchForTokenReconstruction(deterministic_config())
+    model = SwitchForTokenReconstruction(deterministic_config()).to(DEVICE)
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
     full_batch = train_one_step(model, examples, tmp_path / "full", batch_size=4, accumulation_steps=1)
@@ -131,8 +135,8 @@ def test_gradient_accumulation_trains_as_one_full_batch(tmp_path):
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, freeze_backbone):
     config = deterministic_config(expert_kinds="fb", freeze_backbone=freeze_backbone)
-    model = SwitchForTokenReconstruction(config).train()
-    ids = torch.randint(0, TINY_VOCAB, (3, 8))
+    model = SwitchForTokenReconstruction(config).to(DEVICE).train()
+    ids = torch.randint(0, TINY_VOCAB, (3, 8), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
 
@@ -157,9 +161,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, freeze_b
 @pytest.mark.parametrize("implementation", EXPERTS_IMPLEMENTATIONS)
 def test_training_only_the_routers_gives_them_the_task_gradient(implementation):
     """Frozen backbone and experts: the routers learn through the gates alone, as with every part trainable."""
-    model = SwitchForTokenReconstruction(deterministic_config(router_aux_loss_coef=0.0, router_z_loss_coef=0.0))
+    config = deterministic_config(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    model = SwitchForTokenReconstruction(config).to(DEVICE)
     model.set_experts_implementation(implementation)
-    ids = torch.randint(0, TINY_VOCAB, (2, 8))
+    ids = torch.randint(0, TINY_VOCAB, (2, 8), device=DEVICE)
     model(input_ids=ids, labels=ids).loss.backward()
     expected = gradients(model)
     model.zero_grad(set_to_none=True)
@@ -176,25 +181,25 @@ def test_training_only_the_routers_gives_them_the_task_gradient(implementation):
 
 @pytest.mark.parametrize("new_size", [TINY_VOCAB + 13, TINY_VOCAB - 20])
 def test_resize_token_embeddings_resizes_backbone_head_and_config(tmp_path, new_size):
-    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    model = SwitchForTokenReconstruction(tiny_config()).to(DEVICE).eval()
     model.resize_token_embeddings(new_size, mean_resizing=False)
     assert model.config.vocab_size == model.config.backbone_config.vocab_size == new_size
     assert model.head.decoder.weight is model.model.backbone.embeddings.word_embeddings.weight
     assert model.head.decoder.bias.shape == (new_size,)
-    ids = torch.randint(0, new_size, (2, 6))
+    ids = torch.randint(0, new_size, (2, 6), device=DEVICE)
     logits = model(input_ids=ids).logits
     assert logits.shape == (2, 6, new_size)
 
     model.save_pretrained(tmp_path)
-    reloaded = SwitchForTokenReconstruction.from_pretrained(tmp_path, strict=True)
+    reloaded = SwitchForTokenReconstruction.from_pretrained(tmp_path, strict=True).to(DEVICE)
     torch.testing.assert_close(reloaded(input_ids=ids).logits, logits)
 
 
 @pytest.mark.parametrize("kinds", EXPERT_KINDS)
 def test_output_flags_record_router_logits_hidden_states_and_attentions(kinds):
     config = tiny_config(expert_kinds=kinds, top_k=2, capacity_factor_eval=None)
-    model = SwitchForTokenReconstruction(config).eval()
-    ids = torch.randint(0, TINY_VOCAB, (2, 6))
+    model = SwitchForTokenReconstruction(config).to(DEVICE).eval()
+    ids = torch.randint(0, TINY_VOCAB, (2, 6), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
     plain = model(input_ids=ids, attention_mask=mask)
@@ -227,7 +232,8 @@ def test_output_flags_record_router_logits_hidden_states_and_attentions(kinds):
     selected = model(input_ids=ids, attention_mask=mask, output_hidden_states=[0, -1])
     assert selected.hidden_states[1] is None
     torch.testing.assert_close(selected.hidden_states[0], out.hidden_states[0])
-    torch.testing.assert_close(selected.hidden_states[-1], model.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    last = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(selected.hidden_states[-1], last)
 
     as_tuple = model(input_ids=ids, attention_mask=mask, return_dict=False)
     torch.testing.assert_close(as_tuple[0], plain.logits)
@@ -249,8 +255,9 @@ def test_a_model_split_over_two_devices_runs_and_trains():
 
 @pytest.mark.parametrize("kinds", EXPERT_KINDS)
 def test_dropless_inference_compiles_into_one_graph_that_matches_eager(kinds):
-    model = SwitchForTokenReconstruction(tiny_config(expert_kinds=kinds, capacity_factor_eval=None)).eval()
-    ids = torch.randint(0, TINY_VOCAB, (2, 8))
+    config = tiny_config(expert_kinds=kinds, capacity_factor_eval=None)
+    model = SwitchForTokenReconstruction(config).to(DEVICE).eval()
+    ids = torch.randint(0, TINY_VOCAB, (2, 8), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     torch._dynamo.reset()
@@ -265,8 +272,8 @@ def test_dropless_inference_compiles_into_one_graph_that_matches_eager(kinds):
 def test_training_with_capacity_compiles_without_graph_breaks_and_matches_eager(kinds):
     """Capacity dropping stays exact when compiled: dropped pairs travel with a zero gate instead of being removed."""
     config = deterministic_config(expert_kinds=kinds, capacity_factor_train=0.5)
-    model = SwitchForTokenReconstruction(config).train()
-    ids = torch.randint(0, TINY_VOCAB, (2, 8))
+    model = SwitchForTokenReconstruction(config).to(DEVICE).train()
+    ids = torch.randint(0, TINY_VOCAB, (2, 8), device=DEVICE)
 
     def step():
         out = model(input_ids=ids, labels=ids)

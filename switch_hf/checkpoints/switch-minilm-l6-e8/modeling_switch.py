@@ -30,7 +30,8 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_mm
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_switch import SwitchConfig
@@ -95,7 +96,9 @@ class SwitchRouter(nn.Module):
         self.capacity_factor_eval = config.capacity_factor_eval
         self.jitter_noise = config.router_jitter_noise
         self.dtype = getattr(torch, config.router_dtype)
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        # float32 whatever the default dtype: `_keep_in_fp32_modules_strict` keeps the router float32 when a checkpoint
+        # loads in bfloat16 or float16, and a model built from its config under a lower default dtype must agree.
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor
@@ -324,7 +327,11 @@ class _SortedExpertsLinear(torch.autograd.Function):
 
 
 def sorted_linear(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows_per_expert: list[int], is_transposed: bool
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows_per_expert: list[int],
+    is_transposed: bool,
 ) -> torch.Tensor:
     """[`_SortedExpertsLinear`] with the dtype rule of `F.linear`: inside an autocast region the products run in
     autocast's dtype, elsewhere in the weight's. The casts happen outside the autograd function, so gradients reach
@@ -917,7 +924,9 @@ class SwitchLayer(GradientCheckpointingLayer):
 
     - "feed_forward": dense attention, then a Switch MoE feed-forward block (the Switch paper);
     - "attention": attention experts ([`SwitchAttentionExperts`]), then a dense feed-forward block;
-    - "both": attention experts, then a Switch MoE feed-forward block.
+    - "both": attention experts, then a Switch MoE feed-forward block;
+    - "dense": dense attention, then one dense feed-forward block of an expert's size and no router (the dense twin
+      of a "feed_forward" layer: the same computation per token).
     """
 
     def __init__(self, config: SwitchConfig, layer_index: int):
@@ -925,6 +934,7 @@ class SwitchLayer(GradientCheckpointingLayer):
         kind = config.expert_kinds[layer_index]
         self.routes_attention = kind in ("attention", "both")
         self.routes_feed_forward = kind in ("feed_forward", "both")
+        self.is_dense = kind == "dense"
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = SwitchAttentionExperts(config) if self.routes_attention else SwitchAttention(config)
         if self.routes_feed_forward:
@@ -1190,10 +1200,13 @@ class SwitchModel(SwitchPreTrainedModel):
     def upcycle_experts_from_backbone(self):
         """Start every expert from the backbone's last layer (sparse upcycling, Komatsuzaki et al., 2022): each
         feed-forward expert as a copy of its feed-forward block, each attention expert's query and output
-        projections (and the shared keys and values) as copies of its self-attention. Training starts from
-        known-good weights, and the routers learn to tell the copies apart."""
+        projections (and the shared keys and values) as copies of its self-attention; a dense layer's feed-forward
+        block as a copy too. Training starts from known-good weights, and the routers learn to tell the copies
+        apart."""
+        if len(self.backbone.encoder.layer) == 0:
+            raise ValueError("upcycling copies the backbone's last layer, but the backbone has num_hidden_layers=0")
         last_layer = self.backbone.encoder.layer[-1]
-        if any(layer.routes_feed_forward for layer in self.layers):
+        if any(layer.routes_feed_forward or layer.is_dense for layer in self.layers):
             if self.config.expert_intermediate_size != self.config.backbone_config.intermediate_size:
                 raise ValueError(
                     f"upcycling needs expert_intermediate_size ({self.config.expert_intermediate_size}) equal to the "
@@ -1222,6 +1235,9 @@ class SwitchModel(SwitchPreTrainedModel):
                 copy_into_experts(experts.up_proj_bias, last_layer.intermediate.dense.bias)
                 copy_into_experts(experts.down_proj, last_layer.output.dense.weight)
                 copy_into_experts(experts.down_proj_bias, last_layer.output.dense.bias)
+            if layer.is_dense:
+                layer.mlp.up_proj.load_state_dict(last_layer.intermediate.dense.state_dict())
+                layer.mlp.down_proj.load_state_dict(last_layer.output.dense.state_dict())
             if layer.routes_attention:
                 attention, dense_attention = layer.attention, last_layer.attention
                 copy_into_experts(attention.q_proj, dense_attention.self.query.weight)
@@ -1245,7 +1261,7 @@ class SwitchModel(SwitchPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         backbone_hidden_states: torch.FloatTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SwitchModelOutput:
         r"""
         Args:
@@ -1268,10 +1284,14 @@ class SwitchModel(SwitchPreTrainedModel):
             raise TypeError(f"SwitchModel.forward got unexpected arguments: {unexpected}")
         output_attentions = kwargs.get("output_attentions")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        # The Switch layers' attention runs `F.scaled_dot_product_attention`, or, where the probabilities are wanted
+        # or `attn_implementation="eager"` asks for it, the same computation written out.
+        explicit_attention = output_attentions or self.config._attn_implementation == "eager"
 
         hidden_states, token_mask = self._embed(input_ids, attention_mask, token_type_ids, backbone_hidden_states)
         attention_mask = token_mask[:, None, None, :]  # (b, 1, 1, s) keys each query may attend to
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not hidden_states.requires_grad:
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and not hidden_states.requires_grad:
             # Reentrant checkpointing differentiates a layer only through inputs that require grad: behind a frozen
             # backbone (or precomputed hidden states) none does, and the first layer's weights would get no gradient.
             hidden_states = hidden_states.detach().requires_grad_()
@@ -1279,7 +1299,7 @@ class SwitchModel(SwitchPreTrainedModel):
         routings = []
         for layer in self.layers:
             hidden_states, *routing_fields = layer(
-                hidden_states, attention_mask, token_mask, output_attentions=output_attentions
+                hidden_states, attention_mask, token_mask, output_attentions=explicit_attention
             )
             routings.extend(LayerRouting.regroup(routing_fields))
         hidden_states = self.norm(hidden_states)
@@ -1288,16 +1308,22 @@ class SwitchModel(SwitchPreTrainedModel):
         # With the layers spread over several devices (`device_map`), each router's statistics live on its layer's.
         device = hidden_states.device
 
-        def stacked(field: str) -> torch.Tensor:
+        def stacked(field: str, shape: tuple[int, ...]) -> torch.Tensor:
+            if not routings:  # every layer dense: torch.stack refuses an empty list
+                return torch.zeros((0, *shape), device=device)
             return torch.stack([getattr(routing, field).to(device) for routing in routings])  # (routers, ...)
+
+        def mean_loss(field: str) -> torch.Tensor:
+            # With no router there is nothing to balance: the losses are 0, not the NaN mean of nothing.
+            return stacked(field, ()).mean() if routings else torch.zeros((), device=device)
 
         return SwitchModelOutput(
             last_hidden_state=hidden_states,
             expert_indices=tuple(routing.expert_index.view(batch, seq, -1) for routing in routings),
-            tokens_per_expert=stacked("tokens_per_expert"),
-            dropped_fraction=stacked("dropped_fraction"),
-            load_balancing_loss=stacked("load_balancing_loss").mean(),
-            router_z_loss=stacked("z_loss").mean(),
+            tokens_per_expert=stacked("tokens_per_expert", (self.config.num_experts,)),
+            dropped_fraction=stacked("dropped_fraction", ()),
+            load_balancing_loss=mean_loss("load_balancing_loss"),
+            router_z_loss=mean_loss("z_loss"),
         )
 
     def _embed(self, input_ids, attention_mask, token_type_ids, backbone_hidden_states):
@@ -1398,7 +1424,7 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
         only_labeled_logits: bool = False,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SwitchTokenReconstructionOutput | tuple:
         r"""
         Args:

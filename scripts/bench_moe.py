@@ -420,7 +420,7 @@ def bench_attention_experts(args, num_experts: int) -> dict:
     token_mask = torch.ones(inputs.shape[:2], dtype=torch.bool)
     attention_mask = token_mask[:, None, None, :]
     found = {
-        "dense attention": (lambda: dense(inputs, attention_mask), list(dense.parameters())),
+        "dense attention": (lambda: dense(inputs, attention_mask)[0], list(dense.parameters())),
         "switch-hf attention experts": (lambda: routed(inputs, attention_mask, token_mask)[0], list(routed.parameters())),
     }
     steps = {}
@@ -429,7 +429,7 @@ def bench_attention_experts(args, num_experts: int) -> dict:
         steps[f"{name}|forward_backward"] = forward_backward_step(forward, parameters, output_grad)
     timings = time_interleaved(steps, args.repeats, args.warmup, desc=f"{num_experts} attention experts")
     with torch.no_grad():
-        load = routed(inputs, attention_mask, token_mask)[1].tokens_per_expert
+        load = routed(inputs, attention_mask, token_mask)[2].tokens_per_expert
     rows = {}
     for name in found:
         rows[name] = {

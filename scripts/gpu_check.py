@@ -52,7 +52,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -63,6 +62,8 @@ from transformers import BertConfig, BertModel, BertTokenizer  # noqa: E402
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction  # noqa: E402
 from switch_hf.modeling_switch import SwitchRouter, SwitchSparseBlock  # noqa: E402
+
+from bench_moe import DenseFFN, cpu_model  # noqa: E402  (the dense twin the CPU benchmark times, here on the device)
 
 logger = logging.getLogger("gpu_check")
 
@@ -224,7 +225,7 @@ def environment(args) -> dict:
         "transformers": transformers.__version__,
         "cuda_available": torch.cuda.is_available(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "sizes": args.sizes,
     }
     if args.device.type == "cuda":
@@ -681,19 +682,6 @@ def section_bf16_training(args) -> dict:
 
 
 # --- 4. benchmark ---------------------------------------------------------------------------------------------------
-
-
-class DenseFFN(nn.Module):
-    """The feed-forward network one token goes through in the MoE: hidden -> ffn -> hidden."""
-
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.up = nn.Linear(hidden, ffn)
-        self.act = nn.GELU()
-        self.down = nn.Linear(ffn, hidden)
-
-    def forward(self, hidden_states):
-        return self.down(self.act(self.up(hidden_states)))
 
 
 def time_step(step, device: torch.device, warmup: int, repeats: int) -> dict:

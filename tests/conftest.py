@@ -55,8 +55,14 @@ except ImportError:
 
 
 @pytest.fixture(autouse=True)
-def _seed_torch():
+def _seed_torch_and_keep_its_threads():
+    """Each test starts from the same seed, and leaves torch's thread count as it found it: scripts run in-process
+    set their own, and a product's rounding depends on how many threads split its sums (tests compare outputs bit
+    for bit with other processes)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

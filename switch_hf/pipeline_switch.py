@@ -104,6 +104,8 @@ class TokenReconstructionPipeline(Pipeline):
         # Offsets are for postprocess only; the model must not see them.
         offset_mapping = model_inputs.pop("offset_mapping", None)
         logits = self.model(**model_inputs).logits  # (batch, seq, vocab)
+        # Per-row tensors only: with `batch_size`, the pipeline unbatches by slicing each output along dim 0, which the
+        # model's batch-wide statistics (its losses, `tokens_per_expert`, `dropped_fraction`) do not have.
         outputs = {
             "logits": logits,
             "input_ids": model_inputs["input_ids"],

@@ -1,11 +1,15 @@
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from transformers import AutoConfig, BertConfig
 
-from switch_hf import SwitchConfig
+from switch_hf import SwitchConfig, SwitchForTokenReconstruction
 
-from conftest import REPO_ROOT, tiny_config
+from conftest import BLOCK_SWITCH_HF, REPO_ROOT, tiny_config
 
 
 def test_defaults_follow_the_papers():
@@ -61,6 +65,20 @@ def test_round_trip_through_auto_config(tmp_path):
         ("router_z_loss_coef", -1.0),
         ("layer_norm_eps", 0.0),
         ("freeze_backbone", "yes"),
+        # NaN passes every comparison-free check and infinity every lower bound: both must fail by name.
+        ("capacity_factor_train", float("nan")),
+        ("capacity_factor_eval", float("nan")),  # would drop every token
+        ("capacity_factor_eval", float("inf")),  # None is how to ask for dropless routing
+        ("router_aux_loss_coef", float("nan")),
+        ("router_aux_loss_coef", float("inf")),
+        ("router_z_loss_coef", float("nan")),
+        ("layer_norm_eps", float("nan")),
+        ("layer_norm_eps", float("inf")),
+        ("layer_norm_eps", True),
+        ("initializer_range", float("nan")),
+        ("initializer_range", float("inf")),
+        ("router_jitter_noise", float("nan")),
+        ("expert_dropout", float("inf")),
     ],
 )
 def test_bad_values_name_the_field(field, value):
@@ -71,6 +89,108 @@ def test_bad_values_name_the_field(field, value):
 def test_backbone_must_be_bert():
     with pytest.raises(ValueError, match="backbone_config must describe a BERT model"):
         SwitchConfig(backbone_config={"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize(
+    "backbone, found",
+    [
+        ({"hidden_size": 32, "num_attention_heads": 4}, "a dict without model_type"),
+        ({"model_type": "no-such-model"}, "model_type 'no-such-model'"),
+        ("bert", "a str"),
+    ],
+)
+def test_a_backbone_config_that_names_no_bert_model_fails_by_name(backbone, found):
+    with pytest.raises(ValueError, match=rf"SwitchConfig\.backbone_config must be .*model_type 'bert'.*got {found}"):
+        SwitchConfig(backbone_config=backbone)
+
+
+# Every way transformers builds a config from a saved one and keyword overrides: it sets the overrides on the built
+# config, after the constructor's checks, so each path must check them again.
+LOADERS = {
+    "SwitchConfig.from_pretrained": lambda path, **kw: SwitchConfig.from_pretrained(path, **kw),
+    "AutoConfig.from_pretrained": lambda path, **kw: AutoConfig.from_pretrained(path, **kw),
+    "SwitchConfig.from_dict with keywords": lambda path, **kw: SwitchConfig.from_dict(
+        SwitchConfig.get_config_dict(path)[0], **kw
+    ),
+    "SwitchConfig.from_dict with the values in the dict": lambda path, **kw: SwitchConfig.from_dict(
+        {**SwitchConfig.get_config_dict(path)[0], **kw}
+    ),
+    "SwitchForTokenReconstruction.from_pretrained": lambda path, **kw: SwitchForTokenReconstruction.from_pretrained(
+        path, **kw
+    ).config,
+}
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-switch")
+    SwitchForTokenReconstruction(tiny_config()).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"capacity_factor_eval": -1.0}, r"SwitchConfig\.capacity_factor_eval must be a finite number > 0.*got -1\.0"),
+        ({"capacity_factor_train": float("nan")}, r"SwitchConfig\.capacity_factor_train must be .*got nan"),
+        ({"layer_norm_eps": True}, r"SwitchConfig\.layer_norm_eps must be .*got True"),
+        ({"top_k": 5}, r"SwitchConfig\.top_k must be <= num_experts \(4\), got 5"),
+        ({"expert_kinds": "fx"}, r"SwitchConfig\.expert_kinds pattern 'fx' has unknown letters"),
+        ({"num_switch_layers": 3, "expert_kinds": ["feed_forward"] * 2}, r"expert_kinds has 2 entries"),
+    ],
+)
+def test_overrides_on_loading_are_checked_on_every_path(saved_tiny_model, loader, override, message):
+    with pytest.raises(ValueError, match=message):
+        LOADERS[loader](saved_tiny_model, **override)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_overrides_on_loading_are_applied_like_constructor_arguments(saved_tiny_model, loader):
+    config = LOADERS[loader](saved_tiny_model, capacity_factor_eval=None, num_switch_layers=3, expert_kinds="fdb")
+    assert config.capacity_factor_eval is None
+    assert config.expert_kinds == ["feed_forward", "dense", "both"]  # the letter pattern expanded, as at construction
+    assert config.router_names == ["layer 0 feed_forward", "layer 2 attention", "layer 2 feed_forward"]
+
+
+def test_overrides_are_checked_by_the_code_a_checkpoint_ships(saved_tiny_model, tmp_path):
+    """Where switch_hf is not installed, `trust_remote_code` loads the checkpoint's own configuration_switch.py."""
+    script = BLOCK_SWITCH_HF + textwrap.dedent(
+        f"""
+        from transformers import AutoConfig
+        path = {str(saved_tiny_model)!r}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True, capacity_factor_eval=None)
+        assert not type(config).__module__.startswith("switch_hf"), type(config).__module__
+        assert config.capacity_factor_eval is None
+        try:
+            AutoConfig.from_pretrained(path, trust_remote_code=True, capacity_factor_eval=-1.0)
+        except ValueError as error:
+            print("REJECTED", error)
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REJECTED SwitchConfig.capacity_factor_eval must be a finite number > 0" in result.stdout
+
+
+def test_loading_still_returns_the_unused_keywords(saved_tiny_model):
+    config, unused = SwitchConfig.from_pretrained(
+        saved_tiny_model, top_k=2, not_a_field=1, return_unused_kwargs=True
+    )
+    assert config.top_k == 2
+    assert unused == {"not_a_field": 1}
+
+
+def test_a_config_made_invalid_after_construction_is_not_saved(tmp_path):
+    config = tiny_config()
+    config.capacity_factor_eval = float("nan")
+    with pytest.raises(ValueError, match=r"SwitchConfig\.capacity_factor_eval must be .*got nan"):
+        config.validate()
+    with pytest.raises(ValueError, match=r"SwitchConfig\.capacity_factor_eval must be .*got nan"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 @pytest.mark.parametrize(

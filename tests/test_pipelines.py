@@ -122,6 +122,62 @@ def test_token_reconstruction_of_a_list_matches_one_call_per_text_batched_or_not
         )
 
 
+# Two texts of different lengths, so that a batch of them is padded; one [MASK] each.
+MASKED_TEXTS = ["The quick brown [MASK] jumps over the lazy dog.", "Hello [MASK]!"]
+
+# transformers' fill-mask and feature-extraction pipelines unbatch the model's whole output, slicing every tensor in it
+# along dim 0. The Switch models' outputs also hold batch-wide statistics (the 0-dim losses, tokens_per_expert,
+# dropped_fraction, expert_indices per router), which cannot be sliced per row: the change belongs in the models'
+# outputs (modeling_switch.py). The token-reconstruction pipeline keeps only per-row outputs and batches correctly.
+BATCH_WIDE_OUTPUTS = pytest.mark.xfail(
+    strict=True,
+    raises=IndexError,
+    reason="the model's output holds batch-wide statistics that transformers' pipelines slice as if per row",
+)
+
+
+@BATCH_WIDE_OUTPUTS
+def test_fill_mask_pipeline_batched_matches_one_text_at_a_time(tiny_switch):
+    model, tokenizer = tiny_switch
+    fill_mask = pipeline("fill-mask", model=model, tokenizer=tokenizer)
+
+    one_by_one = [fill_mask(text) for text in MASKED_TEXTS]
+    batched = fill_mask(MASKED_TEXTS, batch_size=2)
+
+    assert len(batched) == len(MASKED_TEXTS)
+    for batched_result, single_result in zip(batched, one_by_one):
+        assert [p["token"] for p in batched_result] == [p["token"] for p in single_result]
+        assert [p["score"] for p in batched_result] == pytest.approx([p["score"] for p in single_result], rel=1e-4)
+
+
+@BATCH_WIDE_OUTPUTS
+def test_feature_extraction_pipeline_batched_matches_one_text_at_a_time(tiny_switch):
+    model, tokenizer = tiny_switch
+    extract = pipeline("feature-extraction", model=model.model, tokenizer=tokenizer)
+
+    one_by_one = [torch.tensor(extract(text)) for text in MASKED_TEXTS]  # (1, seq, hidden)
+    batched = [torch.tensor(features) for features in extract(MASKED_TEXTS, batch_size=2)]
+
+    assert len(batched) == len(MASKED_TEXTS)
+    for batched_features, single_features in zip(batched, one_by_one):
+        length = single_features.shape[1]  # a batched text comes padded to the batch's longest
+        assert torch.allclose(batched_features[:, :length], single_features, atol=1e-5)
+
+
+def test_token_reconstruction_batched_matches_one_text_at_a_time_with_masks(reconstruct):
+    one_by_one = [reconstruct(text) for text in MASKED_TEXTS]
+    batched = reconstruct(MASKED_TEXTS, batch_size=2)
+
+    assert len(batched) == len(MASKED_TEXTS)
+    for batched_result, single_result in zip(batched, one_by_one):
+        assert [t["predicted_token_id"] for t in batched_result["tokens"]] == [
+            t["predicted_token_id"] for t in single_result["tokens"]
+        ]
+        assert [t["score"] for t in batched_result["tokens"]] == pytest.approx(
+            [t["score"] for t in single_result["tokens"]], rel=1e-4
+        )
+
+
 def test_token_reconstruction_of_empty_text_has_no_tokens(reconstruct):
     assert reconstruct("") == {"reconstructed_text": "", "tokens": [], "changes": []}
 

@@ -195,6 +195,80 @@ def test_resume_without_state_names_the_path(tiny_setup, tmp_path):
     assert f"no saved state at {tmp_path / 'nothing' / 'state'}" in result.stderr
 
 
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_resumed_or_overwritten(tiny_setup, tmp_path):
+    output_dir = tmp_path / "run"
+    first = run(train_command(tiny_setup, output_dir, "--max-steps", "2", "--save-every", "2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file()}
+
+    again = run(train_command(tiny_setup, output_dir, "--max-steps", "3"))
+    assert again.returncode == 2
+    assert "Traceback" not in again.stderr
+    assert f"--output-dir {output_dir} already holds a training run" in again.stderr
+    assert "--resume" in again.stderr and "--overwrite-output-dir" in again.stderr
+    assert {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file()} == before  # untouched
+
+    both = run(train_command(tiny_setup, output_dir, "--max-steps", "3", "--resume", "--overwrite-output-dir"))
+    assert both.returncode == 2 and "not both" in both.stderr
+
+    overwritten = run(train_command(tiny_setup, output_dir, "--max-steps", "1", "--overwrite-output-dir"))
+    assert overwritten.returncode == 0, overwritten.stderr[-3000:]
+    assert [m["step"] for m in metrics(output_dir)] == [1]  # the first run's metrics are gone, not appended to
+    assert json.loads((output_dir / "state" / "step.json").read_text())["step"] == 1
+    assert json.loads((output_dir / "args.json").read_text())["max_steps"] == 1
+
+
+def test_overwriting_refuses_to_delete_the_checkpoint_it_starts_from(tiny_setup, tmp_path):
+    output_dir = tmp_path / "run"
+    first = run(train_command(tiny_setup, output_dir, "--max-steps", "1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    final = output_dir / "final"
+    result = run(train_command(tiny_setup, output_dir, "--max-steps", "1", "--overwrite-output-dir", init_from=final))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--init-from {output_dir / 'final'} lies in" in result.stderr
+    assert (output_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import train
+
+    return train
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--learning-rate", "nan", "a finite number > 0"),
+        ("--learning-rate", "-1", "a finite number > 0"),
+        ("--learning-rate", "0", "a finite number > 0"),
+        ("--learning-rate", "inf", "a finite number > 0"),
+        ("--backbone-learning-rate", "nan", "a finite number >= 0"),
+        ("--backbone-learning-rate", "-1e-5", "a finite number >= 0"),
+        ("--weight-decay", "nan", "a finite number >= 0"),
+        ("--weight-decay", "-0.1", "a finite number >= 0"),
+        ("--max-grad-norm", "-1", "a finite number > 0"),
+        ("--max-grad-norm", "0", "a finite number > 0"),
+        ("--max-grad-norm", "nan", "a finite number > 0"),
+        ("--mask-probability", "nan", "a number in [0, 1]"),
+        ("--mask-probability", "1.5", "a number in [0, 1]"),
+        ("--identity-probability", "-0.1", "a number in [0, 1]"),
+        ("--warmup-steps", "-1", "an integer >= 0"),
+        ("--seed", "-1", "an integer in [0, 2**32)"),
+        ("--max-steps", "0", "an integer >= 1"),
+    ],
+)
+def test_meaningless_numeric_options_exit_2_naming_the_option(train_script, tiny_setup, tmp_path, capsys, option, value,
+                                                               expected):
+    # `--option=value`: argparse reads a lone "-1e-5" as an option name, not a value.
+    argv = train_command(tiny_setup, tmp_path / "run", f"{option}={value}")[2:]  # the options only, for parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert f"{option} must be {expected}, got " in capsys.readouterr().err
+
+
 def test_missing_corpus_names_the_path(tiny_setup, tmp_path):
     command = train_command(tiny_setup, tmp_path / "run", "--max-steps", "2")
     command[command.index("--corpus-dir") + 1] = str(tmp_path / "no-corpus")

@@ -1,12 +1,18 @@
 """Configuration of the Switch model: a BERT backbone followed by Switch (mixture-of-experts) layers.
 
 The backbone's own configuration is nested under `backbone_config`; the Switch layers share its hidden size and
-vocabulary. Every field is validated when the config is built: a bad value raises `ValueError` naming the field.
+vocabulary. Every field is validated when the config is built, whichever way it is built (the constructor,
+`from_dict`, `from_pretrained` with keyword overrides, `AutoConfig`), and again by `validate()`, which
+`save_pretrained` runs: a bad value raises `ValueError` naming the field.
 """
+
+import dataclasses
+import math
 
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 
 ROUTER_DTYPES = ("float32", "bfloat16", "float16")
@@ -23,10 +29,11 @@ class SwitchConfig(PreTrainedConfig):
 
     Args:
         backbone_config (`BertConfig` or `dict`, *optional*):
-            The BERT backbone whose embeddings feed the Switch layers. Its `hidden_size`, `vocab_size` and
-            `max_position_embeddings` are the model's. Defaults to bert-base-uncased's shape. With
-            `num_hidden_layers=0` the backbone is BERT's embeddings only (its encoder is empty): a model trained
-            from scratch whose every transformer layer is a Switch layer.
+            The BERT backbone whose embeddings feed the Switch layers (a dict must hold `"model_type": "bert"`, as
+            `BertConfig.to_dict()` does). Its `hidden_size`, `vocab_size` and `max_position_embeddings` are the
+            model's. Defaults to bert-base-uncased's shape. With `num_hidden_layers=0` the backbone is BERT's
+            embeddings only (its encoder is empty): a model trained from scratch whose every transformer layer is a
+            Switch layer.
         freeze_backbone (`bool`, defaults to `False`):
             Keep the backbone's weights fixed (and in eval mode) while training.
         num_switch_layers (`int`, defaults to 2):
@@ -136,6 +143,7 @@ class SwitchConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        self._check_backbone_input()
         super().__post_init__(**kwargs)
         if not isinstance(self.backbone_config, BertConfig):
             raise ValueError(
@@ -149,6 +157,55 @@ class SwitchConfig(PreTrainedConfig):
         self.backbone_config.base_model_fsdp_plan = {"encoder.layer.*": "free_full_weight"}
         self._check_fields()
         self.expert_kinds = self._expand_expert_kinds()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Builds the config from `config_dict`, with the keyword arguments that name Switch fields applied as if they
+        were in it: checked, and expanded (an `expert_kinds` letter pattern) like constructor arguments.
+
+        transformers' `from_dict` sets keyword overrides on the config after building it, past the constructor's
+        checks; `from_pretrained` (the config's, `AutoConfig`'s and the models' own) passes its overrides here. Other
+        overrides (transformers' own fields, `backbone_config` updates) still go that way, so the whole config is
+        validated again at the end.
+        """
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in cls._switch_fields()}
+        loaded = super().from_dict({**config_dict, **overrides}, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded  # (config, unused kwargs) with return_unused_kwargs
+        config.validate()
+        return loaded
+
+    @classmethod
+    def _switch_fields(cls) -> set[str]:
+        """The fields this class adds to transformers' `PreTrainedConfig`, but the nested backbone config (a dict
+        override of it updates the loaded one field by field, as transformers does)."""
+        inherited = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+        return {field.name for field in dataclasses.fields(cls)} - inherited - {"backbone_config"}
+
+    def validate(self):
+        """Checks every field again (transformers' own checks first): `save_pretrained` calls this, so that a config
+        whose attributes were set to bad values after it was built is not written."""
+        super().validate()
+        self._check_fields()
+        self._expand_expert_kinds()
+
+    def _check_backbone_input(self):
+        """`backbone_config` must be a config, None (the default BERT), or a dict naming a model type transformers
+        knows; transformers would fail on any other dict with a bare KeyError."""
+        backbone = self.backbone_config
+        if backbone is None or isinstance(backbone, PreTrainedConfig):
+            return
+        expected = "a BertConfig, None, or a dict with model_type 'bert' (as BertConfig.to_dict() gives)"
+        if not isinstance(backbone, dict):
+            raise ValueError(f"SwitchConfig.backbone_config must be {expected}, got a {type(backbone).__name__}")
+        if "model_type" not in backbone:
+            raise ValueError(
+                f"SwitchConfig.backbone_config must be {expected}, got a dict without model_type (keys "
+                f"{sorted(backbone)})"
+            )
+        if backbone["model_type"] not in CONFIG_MAPPING:
+            raise ValueError(
+                f"SwitchConfig.backbone_config must be {expected}, got model_type {backbone['model_type']!r}"
+            )
 
     # The Switch layers share the backbone's hidden size, vocabulary, positions and padding id: these read and write
     # the backbone's config, so that `resize_token_embeddings` and other code that sets them keep the two in step.
@@ -231,6 +288,10 @@ class SwitchConfig(PreTrainedConfig):
         def fail(field, value, expected):
             raise ValueError(f"SwitchConfig.{field} must be {expected}, got {value!r}")
 
+        def is_number(value) -> bool:
+            # bool is an int to Python, not a number to a user; NaN fails no comparison and infinity no lower bound.
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         def check_int(field, minimum):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -238,13 +299,13 @@ class SwitchConfig(PreTrainedConfig):
 
         def check_probability(field):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if not is_number(value) or not 0.0 <= value < 1.0:
                 fail(field, value, "a number in [0, 1)")
 
         def check_non_negative(field):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                fail(field, value, "a number >= 0")
+            if not is_number(value) or value < 0:
+                fail(field, value, "a finite number >= 0")
 
         for field in ("num_switch_layers", "num_attention_heads", "num_experts", "expert_intermediate_size", "top_k"):
             check_int(field, minimum=1)
@@ -258,14 +319,14 @@ class SwitchConfig(PreTrainedConfig):
             )
         for field in ("capacity_factor_train", "capacity_factor_eval"):
             value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                fail(field, value, "a number > 0, or None for dropless routing")
+            if value is not None and (not is_number(value) or value <= 0):
+                fail(field, value, "a finite number > 0, or None for dropless routing")
         for field in ("hidden_dropout_prob", "attention_dropout", "expert_dropout", "router_jitter_noise"):
             check_probability(field)
         for field in ("router_aux_loss_coef", "router_z_loss_coef", "initializer_range"):
             check_non_negative(field)
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            fail("layer_norm_eps", self.layer_norm_eps, "a number > 0")
+        if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
+            fail("layer_norm_eps", self.layer_norm_eps, "a finite number > 0")
         if self.expert_hidden_act not in ACT2FN:
             fail("expert_hidden_act", self.expert_hidden_act, f"one of {sorted(ACT2FN)}")
         if self.router_dtype not in ROUTER_DTYPES:

@@ -1,0 +1,95 @@
+"""Smoke test of scripts/dense_vs_switch.py at a tiny size: both runs finish, the JSON has every field, the plot exists,
+and --resume keeps finished runs."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import dense_vs_switch  # noqa: E402
+
+TINY = [
+    "--steps", "6", "--eval-every", "3", "--hidden-size", "32", "--heads", "2", "--layers", "2", "--ffn-size", "64",
+    "--seq-len", "32", "--batch-size", "4", "--eval-sequences", "8",
+]
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sentences = [f"the {animal} number {n} sat on the mat near a {thing}." for n in range(60)
+                 for animal, thing in [("cat", "tree"), ("dog", "lamp")]]
+    (corpus / "train.txt").write_text("\n".join(sentences) + "\n")
+    (corpus / "validation.txt").write_text("\n".join(s.replace("mat", "rug") for s in sentences[:20]) + "\n")
+    return corpus
+
+
+def test_the_study_writes_every_field_and_the_plot(tmp_path, tiny_corpus):
+    output = tmp_path / "results" / "study.json"
+    argv = ["--experts", "0", "4", "--output", str(output), "--corpus-dir", str(tiny_corpus), *TINY]
+    dense_vs_switch.main(argv)
+    results = json.loads(output.read_text())
+    assert {"config", "runs", "speedup_steps", "speedup_time", "cpu"} <= set(results)
+    assert [run["experts"] for run in results["runs"]] == [0, 4]
+    for run in results["runs"]:
+        for field in ("eval_steps", "eval_loss", "train_tokens_per_s", "total_params", "active_params_per_token",
+                      "dropped_fraction", "max_over_mean_load"):
+            assert field in run
+        assert run["eval_steps"] == [0, 3, 6] and len(run["eval_loss"]) == 3
+    dense, switch = results["runs"]
+    assert switch["total_params"] > dense["total_params"]
+    # One expert of the dense FFN's size per token, plus the router: equal active computation.
+    router = 32 * 4  # one sparse layer of the two ("df"), hidden 32, 4 experts
+    assert switch["active_params_per_token"] == dense["active_params_per_token"] + router
+    assert switch["dropped_fraction"][-1] is not None and dense["dropped_fraction"][-1] is None
+    assert set(results["speedup_steps"]) == set(results["speedup_time"]) == {"4"}
+    assert output.with_suffix(".png").stat().st_size > 0
+    assert not output.with_name(output.name + ".partial").exists()
+
+    before = output.read_text()
+    dense_vs_switch.main([*argv, "--resume"])  # both runs finished: nothing to train
+    assert json.loads(output.read_text())["runs"] == json.loads(before)["runs"]
+    with pytest.raises(SystemExit, match="other settings"):
+        dense_vs_switch.main([*argv, "--resume", "--lr", "0.5"])
+
+
+def test_the_speed_up_reads_the_curves_by_linear_interpolation():
+    assert dense_vs_switch.steps_to_reach([0, 10, 20], [5.0, 3.0, 2.0], 2.5) == 15.0
+    assert dense_vs_switch.steps_to_reach([0, 10], [5.0, 3.0], 2.0) is None
+    runs = [
+        {"experts": 0, "capacity_factor": None, "eval_steps": [0, 10, 20], "eval_train_seconds": [0, 10, 20],
+         "eval_loss": [5.0, 3.0, 2.0]},
+        {"experts": 8, "capacity_factor": 1.25, "eval_steps": [0, 10, 20], "eval_train_seconds": [0, 20, 40],
+         "eval_loss": [5.0, 2.0, 1.0]},
+    ]
+    by_steps, by_time = dense_vs_switch.speedups(runs)
+    assert by_steps == {"8": 2.0} and by_time == {"8": 1.0}
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_it_never_stopped(tmp_path, tiny_corpus, monkeypatch):
+    argv = ["--experts", "4", "--corpus-dir", str(tiny_corpus), *TINY]
+    reference = tmp_path / "reference.json"
+    dense_vs_switch.main([*argv, "--output", str(reference)])
+
+    output = tmp_path / "interrupted.json"
+    evaluate, calls = dense_vs_switch.evaluate, []
+
+    def interrupted_evaluate(model, batches):
+        calls.append(1)
+        if len(calls) == 3:  # the step-6 evaluation: the step-3 checkpoint is on disk
+            raise KeyboardInterrupt
+        return evaluate(model, batches)
+
+    monkeypatch.setattr(dense_vs_switch, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        dense_vs_switch.main([*argv, "--output", str(output)])
+    assert (output.with_name(output.name + ".partial") / "4.pt").is_file() and not output.exists()
+    monkeypatch.setattr(dense_vs_switch, "evaluate", evaluate)
+    dense_vs_switch.main([*argv, "--output", str(output), "--resume"])
+    resumed, expected = json.loads(output.read_text())["runs"][0], json.loads(reference.read_text())["runs"][0]
+    assert resumed["eval_loss"] == expected["eval_loss"]
+    assert resumed["dropped_fraction"] == expected["dropped_fraction"]

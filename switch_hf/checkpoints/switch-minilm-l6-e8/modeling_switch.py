@@ -31,10 +31,13 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_mm
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_switch import SwitchConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -989,8 +992,9 @@ class SwitchModelOutput(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Output of the last Switch layer, after the final LayerNorm.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
-        The backbone's output followed by each Switch layer's output, each `(batch_size, sequence_length, hidden)`;
-        the last is `last_hidden_state` (after the final LayerNorm), as in transformers' other models.
+        The backbone's output (zero at padding positions) followed by each Switch layer's output, each
+        `(batch_size, sequence_length, hidden)`; the last is `last_hidden_state` (after the final LayerNorm), as in
+        transformers' other models.
         `output_hidden_states` may also be a list of indices (e.g. `[0, -1]`): the others are then None.
     attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
         Each Switch layer's attention probabilities, `(batch_size, num_heads, sequence_length, sequence_length)`;
@@ -999,16 +1003,16 @@ class SwitchModelOutput(ModelOutput):
     router_logits (`tuple(torch.FloatTensor)`, *optional*, returned with `output_router_logits=True`):
         Each router's logits, `(batch_size, sequence_length, num_experts)`, in float32. There is one router per
         Switch layer, two in a layer of kind "both"; `config.router_names` names them in this order.
-    expert_indices (`tuple(torch.LongTensor)`):
+    expert_indices (`tuple(torch.LongTensor)`, returned with `output_routing`):
         Each router's chosen experts, `(batch_size, sequence_length, top_k)`; -1 where a token was dropped for lack
         of capacity or is padding.
-    tokens_per_expert (`torch.FloatTensor` of shape `(num_routers, num_experts)`):
+    tokens_per_expert (`torch.FloatTensor` of shape `(num_routers, num_experts)`, returned with `output_routing`):
         How many tokens each expert of each router processed.
-    dropped_fraction (`torch.FloatTensor` of shape `(num_routers,)`):
+    dropped_fraction (`torch.FloatTensor` of shape `(num_routers,)`, returned with `output_routing`):
         Fraction of the real tokens' routing choices dropped for lack of capacity, per router.
-    load_balancing_loss (`torch.FloatTensor` of shape `()`):
+    load_balancing_loss (`torch.FloatTensor` of shape `()`, returned with `output_routing`):
         Mean over routers of the Switch load-balancing loss (1.0 for a perfectly uniform router).
-    router_z_loss (`torch.FloatTensor` of shape `()`):
+    router_z_loss (`torch.FloatTensor` of shape `()`, returned with `output_routing`):
         Mean over routers of the router z-loss.
     """
 
@@ -1032,7 +1036,7 @@ class SwitchTokenReconstructionOutput(ModelOutput):
         Token logits; `argmax` then `tokenizer.decode` gives the reconstructed text.
     reconstruction_loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
         Token cross-entropy over the positions whose label is not -100.
-    aux_loss (`torch.FloatTensor` of shape `()`):
+    aux_loss (`torch.FloatTensor` of shape `()`, returned with `output_routing`):
         `router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`.
     load_balancing_loss, router_z_loss, hidden_states, attentions, router_logits, expert_indices, tokens_per_expert,
     dropped_fraction:
@@ -1106,14 +1110,20 @@ class SwitchPreTrainedModel(PreTrainedModel):
             backbone_config._experts_implementation_internal = None
         return super()._check_and_adjust_experts_implementation(experts_implementation)
 
+    def _wants_router_logits(self, kwargs: dict) -> bool:
+        requested = kwargs.get("output_router_logits")
+        return bool(requested if requested is not None else self.config.output_router_logits)
+
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = False, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with two guarantees:
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with these guarantees:
 
         - weights come from safetensors only: a checkpoint that has only pickle weights (`pytorch_model.bin`) fails
           with a clear error instead of being unpickled, unless the caller passes `use_safetensors=False`;
-        - `strict=True` fails if any weight is missing, unexpected or of another shape, instead of logging the load
-          report and initialising the missing weights at random.
+        - a weight the checkpoint lacks (say, a config naming more Switch layers than the weights hold) fails the
+          load instead of being initialised at random; `strict=False` accepts that (transformers' load report names
+          the weights), and `strict=True` also fails on unexpected weights or weights of another shape;
+        - a weight holding NaN or infinite values is named in a warning.
         """
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
@@ -1135,9 +1145,18 @@ class SwitchPreTrainedModel(PreTrainedModel):
             "unexpected": sorted(loading_info["unexpected_keys"]),
             "mismatched": sorted(key for key, *_ in loading_info["mismatched_keys"]),
         }
-        if strict and any(problems.values()):
-            listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
-            raise ValueError(f"strict loading of {pretrained_model_name_or_path} failed; {listed}")
+        failing = problems if strict else {"missing": problems["missing"]} if strict is None else {}
+        if any(failing.values()):
+            listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in failing.items() if keys)
+            hint = "" if strict else " (pass strict=False to initialise the missing weights at random)"
+            raise ValueError(f"loading {pretrained_model_name_or_path} failed; {listed}{hint}")
+        non_finite = [
+            name
+            for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all()
+        ]
+        if non_finite:
+            logger.warning("%s has weights holding NaN or infinite values: %s", pretrained_model_name_or_path, non_finite)
         return (model, loading_info) if wants_loading_info else model
 
     @classmethod
@@ -1180,6 +1199,9 @@ class SwitchPreTrainedModel(PreTrainedModel):
 
 class SwitchModel(SwitchPreTrainedModel):
     """BERT backbone -> `num_switch_layers` Switch layers -> LayerNorm."""
+
+    # A full model's checkpoint also holds its vocabulary head, which this base model has no use for.
+    _keys_to_ignore_on_load_unexpected = [r"^head\."]
 
     def __init__(self, config: SwitchConfig):
         super().__init__(config)
@@ -1262,6 +1284,7 @@ class SwitchModel(SwitchPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         backbone_hidden_states: torch.FloatTensor | None = None,
+        output_routing: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SwitchModelOutput:
         r"""
@@ -1278,11 +1301,17 @@ class SwitchModel(SwitchPreTrainedModel):
                 output, or those at the given indices.
             output_attentions (`bool`, *optional*): return every Switch layer's attention probabilities.
             output_router_logits (`bool`, *optional*): return every router's logits.
+            output_routing (`bool`, *optional*): return the routing outputs (`expert_indices`, `tokens_per_expert`,
+                `dropped_fraction`, `load_balancing_loss`, `router_z_loss`). Defaults to True in training mode or
+                with `output_router_logits`, False otherwise: an inference output then holds only per-example
+                tensors, which is what transformers' pipelines split a batch into.
             return_dict (`bool`, *optional*): return a [`SwitchModelOutput`] (the default) or a tuple.
         """
         unexpected = sorted(set(kwargs) - {"output_hidden_states", "output_attentions", "output_router_logits"})
         if unexpected:
             raise TypeError(f"SwitchModel.forward got unexpected arguments: {unexpected}")
+        if output_routing is None:
+            output_routing = self.training or self._wants_router_logits(kwargs)
         output_attentions = kwargs.get("output_attentions")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         # The Switch layers' attention runs `F.scaled_dot_product_attention`, or, where the probabilities are wanted
@@ -1318,6 +1347,8 @@ class SwitchModel(SwitchPreTrainedModel):
             # With no router there is nothing to balance: the losses are 0, not the NaN mean of nothing.
             return stacked(field, ()).mean() if routings else torch.zeros((), device=device)
 
+        if not output_routing:
+            return SwitchModelOutput(last_hidden_state=hidden_states)
         return SwitchModelOutput(
             last_hidden_state=hidden_states,
             expert_indices=tuple(routing.expert_index.view(batch, seq, -1) for routing in routings),
@@ -1356,9 +1387,20 @@ class SwitchModel(SwitchPreTrainedModel):
                     f"`backbone_hidden_states` must be (batch_size, sequence_length, hidden_size={self.config.hidden_size}),"
                     f" got shape {tuple(backbone_hidden_states.shape)}"
                 )
+            if not backbone_hidden_states.is_floating_point():
+                raise ValueError(
+                    f"`backbone_hidden_states` must be floating point, got dtype {backbone_hidden_states.dtype}"
+                )
             batch_shape = tuple(backbone_hidden_states.shape[:2])
             if token_type_ids is not None:
                 raise ValueError("`token_type_ids` is for the backbone; it cannot apply to `backbone_hidden_states`.")
+        if 0 in batch_shape:
+            raise ValueError(
+                f"the input is empty: (batch_size, sequence_length)={batch_shape}; give at least one sequence of at "
+                "least one token"
+            )
+        if token_type_ids is not None:
+            self._check_token_type_ids(token_type_ids, batch_shape)
 
         if attention_mask is None:
             inputs = input_ids if input_ids is not None else backbone_hidden_states
@@ -1372,12 +1414,33 @@ class SwitchModel(SwitchPreTrainedModel):
             token_mask = attention_mask.bool()
 
         if backbone_hidden_states is not None:
-            return backbone_hidden_states, token_mask
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
-            backbone_output = self.backbone(
-                input_ids=input_ids, attention_mask=token_mask.long(), token_type_ids=token_type_ids
+            # Precomputed features may come in another precision (float64 from numpy, say): the layers run in theirs.
+            hidden_states = backbone_hidden_states.to(self.norm.weight.dtype)
+            if not torch.compiler.is_compiling() and not torch.isfinite(hidden_states[token_mask]).all():
+                raise ValueError("`backbone_hidden_states` holds NaN or infinite values at real (unmasked) tokens")
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+                hidden_states = self.backbone(
+                    input_ids=input_ids, attention_mask=token_mask.long(), token_type_ids=token_type_ids
+                ).last_hidden_state
+        # Padding is never attended to, but attention multiplies its values by a zero probability, and 0 * NaN is NaN:
+        # whatever a padding position holds must not reach the real tokens.
+        return hidden_states.masked_fill(~token_mask[..., None], 0.0), token_mask
+
+    def _check_token_type_ids(self, token_type_ids: torch.Tensor, batch_shape: tuple[int, int]):
+        if tuple(token_type_ids.shape) != batch_shape:
+            raise ValueError(
+                f"`token_type_ids` must have shape (batch_size, sequence_length)={batch_shape}, "
+                f"got {tuple(token_type_ids.shape)}"
             )
-        return backbone_output.last_hidden_state, token_mask
+        if token_type_ids.is_floating_point() or token_type_ids.is_complex():
+            raise ValueError(f"`token_type_ids` must hold integer segment ids, got dtype {token_type_ids.dtype}")
+        segments = self.config.backbone_config.type_vocab_size
+        if not torch.compiler.is_compiling() and (token_type_ids.min() < 0 or token_type_ids.max() >= segments):
+            raise ValueError(
+                f"`token_type_ids` must be in [0, {segments - 1}] (the backbone's type_vocab_size={segments}), got "
+                f"values from {token_type_ids.min().item()} to {token_type_ids.max().item()}"
+            )
 
 
 class SwitchReconstructionHead(nn.Module):
@@ -1423,6 +1486,7 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
         backbone_hidden_states: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         only_labeled_logits: bool = False,
+        output_routing: bool | None = None,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -1442,15 +1506,22 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
                 batch: the cross-entropy is summed and divided by `num_items_in_batch`, and the router losses (means
                 over this micro-batch) are weighted by this micro-batch's labelled tokens over `num_items_in_batch`.
                 Accumulated steps then train as one step on the whole batch would.
+            output_routing (`bool`, *optional*):
+                Return the routing outputs and `aux_loss`. Defaults to True in training mode, with `labels` or with
+                `output_router_logits`, False otherwise (see [`SwitchModel.forward`]). With `labels`, `loss` holds
+                the router losses either way.
             Other arguments (`output_hidden_states`, `output_attentions`, `output_router_logits`): as in
                 [`SwitchModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_routing is None:
+            output_routing = self.training or labels is not None or self._wants_router_logits(kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             backbone_hidden_states=backbone_hidden_states,
+            output_routing=output_routing or labels is not None,
             return_dict=True,
             **kwargs,
         )
@@ -1465,10 +1536,12 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
             labeled = labels != -100
             hidden_states, labels = hidden_states[labeled], labels[labeled]  # (n, h), (n,)
         logits = self.head(hidden_states)  # (b, s, v), or (n, v) with only_labeled_logits
-        aux_loss = (
-            self.config.router_aux_loss_coef * outputs.load_balancing_loss
-            + self.config.router_z_loss_coef * outputs.router_z_loss
-        )
+        aux_loss = None
+        if outputs.load_balancing_loss is not None:
+            aux_loss = (
+                self.config.router_aux_loss_coef * outputs.load_balancing_loss
+                + self.config.router_z_loss_coef * outputs.router_z_loss
+            )
 
         reconstruction_loss = loss = None
         if labels is not None:
@@ -1483,19 +1556,22 @@ class SwitchForTokenReconstruction(SwitchPreTrainedModel):
                 reconstruction_loss = token_losses / num_items_in_batch
                 loss = reconstruction_loss + aux_loss * (labeled_here / num_items_in_batch)
 
+        routing = {
+            "aux_loss": aux_loss,
+            "load_balancing_loss": outputs.load_balancing_loss,
+            "router_z_loss": outputs.router_z_loss,
+            "expert_indices": outputs.expert_indices,
+            "tokens_per_expert": outputs.tokens_per_expert,
+            "dropped_fraction": outputs.dropped_fraction,
+        }
         output = SwitchTokenReconstructionOutput(
             loss=loss,
             logits=logits,
             reconstruction_loss=reconstruction_loss,
-            aux_loss=aux_loss,
-            load_balancing_loss=outputs.load_balancing_loss,
-            router_z_loss=outputs.router_z_loss,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
-            expert_indices=outputs.expert_indices,
-            tokens_per_expert=outputs.tokens_per_expert,
-            dropped_fraction=outputs.dropped_fraction,
+            **(routing if output_routing else {}),
         )
         return output if return_dict else output.to_tuple()
 

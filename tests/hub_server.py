@@ -15,8 +15,8 @@ Storage
 
 Implemented
     * ``POST /api/repos/create`` (409 with the repo ``url`` when it exists, as
-      the client's ``exist_ok`` handling expects) and ``POST
-      /api/models/{repo}/branch/{branch}``.
+      the client's ``exist_ok`` handling expects), ``DELETE /api/repos/delete``
+      and ``POST /api/models/{repo}/branch/{branch}``.
     * ``GET|HEAD /api/models/{repo}`` and ``.../revision/{rev}`` (repo info),
       ``GET .../tree/{rev}[/{path}]``, ``POST .../paths-info/{rev}``,
       ``GET .../refs``.
@@ -206,6 +206,7 @@ class GitModelRepo:
         self.lfs_objects_dir = self.git_dir / "lfs" / "objects"
         # Commits to one repo are serialised; update-ref's compare-and-swap is the second guard.
         self.commit_lock = threading.Lock()
+        self.deleted = False  # set under commit_lock; a deleted repo takes no more uploads or commits
 
     # -- git plumbing -------------------------------------------------------------------------
 
@@ -476,6 +477,17 @@ class HubStore:
             shutil.rmtree(staging_dir, ignore_errors=True)
         return True
 
+    def delete_repo(self, namespace: str, name: str) -> None:
+        """Delete the repo: it disappears at once (one rename), then its files are removed."""
+        repo = self.get_repo(namespace, name)
+        # Both locks: no request may look the repo up, commit to it or store an upload in it meanwhile.
+        with self._repos_lock, repo.commit_lock:
+            repo.deleted = True
+            self._repos.pop(repo.repo_id, None)
+            trash_dir = Path(tempfile.mkdtemp(dir=repo.directory.parent, prefix=f".deleting-{name}-"))
+            os.rename(repo.directory, trash_dir / name)
+        shutil.rmtree(trash_dir)
+
     # -- LFS uploads ---------------------------------------------------------------------------
 
     def issue_upload_ticket(self, repo: GitModelRepo, oid: str, size: int) -> str:
@@ -504,9 +516,12 @@ class HubStore:
                     f"LFS upload rejected: expected {size} bytes with sha256 {oid}, "
                     f"received {received} bytes with sha256 {digest.hexdigest()}.",
                 )
-            target = repo.lfs_object_path(oid)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(scratch_path, target)
+            with repo.commit_lock:
+                if repo.deleted:
+                    raise repo_not_found(repo.repo_id)
+                target = repo.lfs_object_path(oid)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(scratch_path, target)
         finally:
             if os.path.exists(scratch_path):
                 os.unlink(scratch_path)
@@ -528,6 +543,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         for method, pattern, handler in [
             ("GET", r"/api/whoami-v2", "whoami"),
             ("POST", r"/api/repos/create", "create_repo"),
+            ("DELETE", r"/api/repos/delete", "delete_repo"),
             ("POST", r"/api/validate-yaml", "validate_yaml"),
             ("GET", r"/api/models" + REPO, "repo_info"),
             ("GET", r"/api/models" + REPO + r"/revision/" + SEGMENT, "repo_info"),
@@ -558,6 +574,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
@@ -719,6 +738,20 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if not self.store.create_repo(namespace, name, user):
             raise HubError(409, "You already created this model repo", extra={"url": url})
         self._send_json({"url": url, "name": f"{namespace}/{name}", "id": f"{namespace}/{name}"})
+
+    def delete_repo(self) -> None:
+        request = self._read_json()
+        user = self.store.user_for(self.headers.get("Authorization"))
+        namespace, name = request.get("organization") or user, request.get("name")
+        if request.get("type", "model") not in (None, "model"):
+            raise HubError(400, "This test Hub only hosts model repos.")
+        if not isinstance(name, str):
+            raise HubError(400, f"Invalid repo name: {name!r}")
+        self.store.get_repo(namespace, name)  # 404 for a repo that does not exist, before any rights are checked
+        self.store.check_can_write(user, namespace)
+        self.store.delete_repo(namespace, name)
+        logger.info("%s deleted %s/%s", user, namespace, name)
+        self._send_json({})
 
     def repo_info(self, namespace: str, name: str, revision: str = DEFAULT_BRANCH) -> None:
         repo = self.store.get_repo(namespace, name)
@@ -919,6 +952,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(400, "A commit needs a header line with a non-empty summary")
         message = header["summary"].strip() + ("\n\n" + header["description"] if header.get("description") else "")
         with repo.commit_lock:
+            if repo.deleted:
+                raise repo_not_found(repo.repo_id)
             branch, head = self._writable_branch(repo, revision)
             parent = header.get("parentCommit")
             if parent is not None and parent != head:

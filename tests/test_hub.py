@@ -1,4 +1,4 @@
-"""Issue #4: the Switch model on a Hub, round trip on loopback.
+"""The Switch model on a Hub, round trip on loopback, and what a push or a release must never do.
 
 Pushes use the real ``huggingface_hub`` client against the push server of ``hub_server.py``; pulls run in a fresh
 interpreter where ``switch_hf`` cannot be imported, with ``HF_ENDPOINT`` = olah (a caching proxy of the push server)
@@ -11,12 +11,17 @@ then check their part of its report.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
+import logging
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -28,20 +33,22 @@ from transformers import pipeline
 
 import hub_server
 from conftest import BLOCK_SWITCH_HF, REPO_ROOT
-from hub_fixtures import SUBPROCESS_TIMEOUT_S, last_json_line
+from hub_fixtures import SUBPROCESS_TIMEOUT_S, free_loopback_port, last_json_line
 from switch_hf import hub as switch_hub
 from switch_hf import modeling_switch
+from switch_hf.cli import RELEASED_CHECKPOINT
 
 
-def _load_push_script():
+def _load_script(name: str):
     # By path: putting scripts/ on sys.path would let scripts/evaluate.py shadow the `evaluate` library.
-    spec = importlib.util.spec_from_file_location("push_to_hub_script", REPO_ROOT / "scripts" / "push_to_hub.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-push_script = _load_push_script()
+push_script = _load_script("push_to_hub")
+release_script = _load_script("release")
 
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Switch transformers route every token to one expert."]
@@ -442,9 +449,12 @@ def test_server_error_on_commit_fails_with_its_message_and_commits_nothing(hub, 
     assert [entry.path for entry in HfApi().list_repo_tree(repo_id)] == [".gitattributes"]
 
 
-def test_push_interrupted_during_the_weights_upload_leaves_no_commit(hub, checkpoint, monkeypatch):
-    """Ctrl-C while model.safetensors is on its way: the repo exists, but holds no part of the push."""
+def test_push_interrupted_during_the_weights_upload_leaves_no_commit(hub, checkpoint, monkeypatch, tmp_path):
+    """Ctrl-C while model.safetensors is on its way: nothing is committed, the repo the push created is deleted, and
+    its staging copy is removed."""
     repo_id = f"{hub.org}/{unique_repo_name('interrupted')}"
+    temporary_dir = tmp_path / "tmp"
+    temporary_dir.mkdir()
     store = hub.push_server.store
     upload_started, let_upload_continue = threading.Event(), threading.Event()
     store_upload = store.store_upload
@@ -459,6 +469,7 @@ def test_push_interrupted_during_the_weights_upload_leaves_no_commit(hub, checkp
         **hub.pull_environment(hub.new_hf_home()),
         "HF_ENDPOINT": hub.push_endpoint,
         "HF_TOKEN": hub.token,
+        "TMPDIR": str(temporary_dir),
     }
     before = directory_snapshot(checkpoint)
     push = subprocess.Popen(
@@ -480,7 +491,9 @@ def test_push_interrupted_during_the_weights_upload_leaves_no_commit(hub, checkp
 
     assert push.returncode == 130, stderr[-3000:]
     assert "interrupted; no partial commit was made" in stderr
-    assert commit_titles(hub, repo_id) == ["initial commit"]
+    assert f"deleted the repo {repo_id} that it had created" in stderr
+    assert hub.branch_head(repo_id) is None
+    assert list(temporary_dir.iterdir()) == []
     assert directory_snapshot(checkpoint) == before
 
 
@@ -509,6 +522,238 @@ def test_a_second_push_replaces_stale_weight_files(hub, tiny_switch, monkeypatch
     assert "model.safetensors" in files and "pytorch_model.bin" not in files
 
 
+# --- failures after the repo was created: nothing left behind --------------------------------------------------------
+
+
+@pytest.fixture
+def temporary_dir(tmp_path, monkeypatch) -> Path:
+    """This process's temporary directory for the test, to see what a push leaves there."""
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+def test_push_cut_off_after_creating_the_repo_deletes_the_repo_and_its_staging_copy(
+    hub, checkpoint, capsys, caplog, monkeypatch, temporary_dir
+):
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo_id = f"{hub.org}/{unique_repo_name('cut-off')}"
+
+    def connection_cut(handler, namespace, name, revision):
+        raise ConnectionResetError("the connection was cut")  # the server closes it without an answer
+
+    monkeypatch.setattr(hub_server.HubRequestHandler, "commit", connection_cut)
+    exit_code = run_push_script(str(checkpoint), repo_id)
+
+    assert exit_code == 1
+    stderr = capsys.readouterr().err
+    assert f"cannot reach the Hub at {hub.push_endpoint}: Server disconnected without sending a response." in stderr
+    assert f"deleted the repo {repo_id} that it had created" in caplog.text
+    assert hub.branch_head(repo_id) is None
+    assert list(temporary_dir.iterdir()) == []
+
+
+def test_refused_weights_upload_is_reported_and_deletes_the_repo_the_push_created(hub, checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo_id = f"{hub.org}/{unique_repo_name('upload-refused')}"
+
+    def storage_full(ticket, body):
+        raise hub_server.HubError(507, "LFS storage is full")
+
+    monkeypatch.setattr(hub.push_server.store, "store_upload", storage_full)
+    exit_code = run_push_script(str(checkpoint), repo_id)
+
+    assert exit_code == 1
+    stderr = capsys.readouterr().err
+    assert (
+        "push_to_hub: error: Error while uploading 'model.safetensors' to the Hub: "
+        "the Hub refused the push (HTTP 507): LFS storage is full"
+    ) in stderr
+    assert "Traceback" not in stderr
+    assert hub.branch_head(repo_id) is None
+
+
+def test_sigterm_stops_a_push_like_ctrl_c_and_removes_its_staging_copy(
+    hub, checkpoint, capsys, caplog, monkeypatch, temporary_dir
+):
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo_id = f"{hub.org}/{unique_repo_name('terminated')}"
+    preupload = hub_server.HubRequestHandler.preupload
+    main_thread = threading.main_thread().ident
+
+    def terminate_the_push(handler, *args):
+        signal.pthread_kill(main_thread, signal.SIGTERM)  # the pushing thread, blocked waiting for this answer
+        return preupload(handler, *args)
+
+    monkeypatch.setattr(hub_server.HubRequestHandler, "preupload", terminate_the_push)
+    signals_seen_by_the_test = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: signals_seen_by_the_test.append(signum))
+    try:
+        exit_code = run_push_script(str(checkpoint), repo_id)
+        handler_after_the_push = signal.getsignal(signal.SIGTERM)
+    finally:
+        test_handler = signal.signal(signal.SIGTERM, previous_handler)
+
+    assert exit_code == 130
+    assert signals_seen_by_the_test == []
+    assert handler_after_the_push is test_handler  # the script put the handler it found back
+    stderr = capsys.readouterr().err
+    assert "interrupted; no partial commit was made" in stderr
+    assert f"deleted the repo {repo_id} that it had created" in caplog.text
+    assert hub.branch_head(repo_id) is None
+    assert list(temporary_dir.iterdir()) == []
+
+
+# --- credentials ----------------------------------------------------------------------------------------------------
+
+
+ENDPOINT_PASSWORD = "s3cret-Passw0rd"
+
+
+@pytest.mark.parametrize("server", ["unreachable", "loopback-hub"])
+def test_credentials_never_appear_in_messages_or_logs(hub, checkpoint, capfd, caplog, monkeypatch, server):
+    from huggingface_hub import constants
+
+    # Nothing listens on a free port once its probe socket is closed.
+    host = f"127.0.0.1:{free_loopback_port()}" if server == "unreachable" else hub.push_endpoint.split("://")[1]
+    endpoint = f"http://pusher:{ENDPOINT_PASSWORD}@{host}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    caplog.set_level(logging.DEBUG)
+
+    exit_code = run_push_script(str(checkpoint), f"{hub.org}/{unique_repo_name('credentials')}")
+
+    assert exit_code == 1
+    output = capfd.readouterr()
+    everything = output.out + output.err + caplog.text
+    assert f"http://***@{host}" in everything  # the endpoint is named, without its userinfo
+    for secret in (ENDPOINT_PASSWORD, hub.token, "pusher:"):
+        assert secret not in everything
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("POST https://user:pa@ss@hub.example/api/repos/create", "POST https://***@hub.example/api/repos/create"),
+        ("Authorization: Bearer abc.def", "Authorization: Bearer ***"),
+        ("token hf_" + "A1" * 17 + " refused", "token *** refused"),
+        ("echo of my-token-value and my%2Dpw", "echo of *** and ***"),
+    ],
+    ids=["userinfo", "bearer", "hf-token", "known-secrets"],
+)
+def test_redact_credentials(text, redacted):
+    assert switch_hub.redact_credentials(text, ["my-token-value", "my%2Dpw"]) == redacted
+
+
+def _files_of_pushed_repo(hub, repo_id: str) -> dict[str, bytes]:
+    repo = hub.push_server.store.get_repo(*repo_id.split("/"))
+    return {
+        entry.path: b"".join(repo.open_content(entry)(0, entry.size))
+        for entry in repo.all_files(hub.branch_head(repo_id))
+    }
+
+
+def test_token_is_never_logged_nor_written_to_a_file(hub, checkpoint, capfd, caplog, monkeypatch, temporary_dir):
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo_id = f"{hub.org}/{unique_repo_name('token')}"
+    caplog.set_level(logging.DEBUG)
+
+    assert run_push_script(str(checkpoint), repo_id) == 0
+
+    output = capfd.readouterr()
+    assert hub.token not in output.out + output.err + caplog.text
+    written = [path for directory in (hub.hf_home, temporary_dir, checkpoint) for path in directory.rglob("*")]
+    assert not [path for path in written if path.is_file() and hub.token.encode() in path.read_bytes()]
+    pushed = _files_of_pushed_repo(hub, repo_id)
+    assert "model.safetensors" in pushed
+    assert not [path for path, content in pushed.items() if hub.token.encode() in content]
+
+
+# --- what a push publishes: dtypes, and only the package's code -------------------------------------------------------
+
+
+def safetensors_dtypes(content: bytes) -> dict[str, str]:
+    """The dtype of every tensor of a safetensors file's bytes, from its header."""
+    (header_size,) = struct.unpack("<Q", content[:8])
+    header = json.loads(content[8 : 8 + header_size])
+    return {name: info["dtype"] for name, info in header.items() if name != "__metadata__"}
+
+
+@pytest.mark.parametrize("declared_dtype", ["float16", "float32"], ids=["float16", "float16-computed-in-float32"])
+def test_float16_checkpoint_pushes_float16_tensors(hub, tiny_switch, tmp_path, monkeypatch, declared_dtype):
+    """A checkpoint's weights keep their stored dtype on the Hub, and its config keeps the dtype it declares (the
+    release stores float16 weights and declares float32)."""
+    model, tokenizer = tiny_switch
+    checkpoint = tmp_path / "checkpoint"
+    copy.deepcopy(model).to(torch.float16).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["dtype"] = declared_dtype
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    stored = safetensors_dtypes((checkpoint / "model.safetensors").read_bytes())
+    assert set(stored.values()) == {"F16"}
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo_id = f"{hub.org}/{unique_repo_name('float16')}"
+
+    assert run_push_script(str(checkpoint), repo_id) == 0
+
+    pushed = _files_of_pushed_repo(hub, repo_id)
+    assert safetensors_dtypes(pushed["model.safetensors"]) == stored
+    assert json.loads(pushed["config.json"])["dtype"] == declared_dtype
+
+
+def test_checkpoint_code_never_runs_and_only_the_packages_code_is_published(checkpoint, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(checkpoint, tampered)
+    marker = tmp_path / "checkpoint-code-ran"
+    for module in ("configuration_switch.py", "modeling_switch.py"):
+        (tampered / module).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text({module!r})\n")
+    staged = tmp_path / "staged"
+
+    assert run_push_script(str(tampered), "org/switch-bert", "--save-to", str(staged)) == 0
+
+    assert not marker.exists()
+    for module in ("configuration_switch.py", "modeling_switch.py", "pipeline_switch.py"):
+        assert (staged / module).read_bytes() == (REPO_ROOT / "switch_hf" / module).read_bytes()
+
+
+def test_tokenizer_with_custom_code_is_refused_and_its_code_never_runs(checkpoint, tmp_path, capsys):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(checkpoint, tampered)
+    marker = tmp_path / "checkpoint-code-ran"
+    (tampered / "custom_tokenizer.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    tokenizer_config = json.loads((tampered / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+    (tampered / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    exit_code = run_push_script(str(tampered), "org/switch-bert", "--save-to", str(tmp_path / "staged"))
+
+    assert exit_code == 2
+    assert "the tokenizer maps to custom code" in capsys.readouterr().err
+    assert not marker.exists()
+    assert not (tmp_path / "staged").exists()
+
+
+def test_pickle_only_checkpoint_is_refused_without_unpickling_it(checkpoint, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(checkpoint, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    exit_code = run_push_script(str(pickled), "org/switch-bert", "--save-to", str(tmp_path / "staged"))
+
+    assert exit_code == 2
+    assert "has no safetensors weights" in capsys.readouterr().err
+
+
 # --- staging and the card, without a server ---------------------------------------------------------------------------
 
 
@@ -526,6 +771,41 @@ def test_save_to_stages_the_repo_without_pushing(checkpoint, tmp_path):
     assert 'from_pretrained("org/switch-bert", trust_remote_code=True)' in card.text
     for local_path in (EVAL_RESULTS["model"], TRAINING_DATA["splits"]["train"]["tokenizer"], "/local/run/dir"):
         assert local_path not in card.content
+
+
+@pytest.mark.parametrize("where", ["the-checkpoint", "inside-the-checkpoint"])
+def test_save_to_the_checkpoint_directory_is_refused(checkpoint, capsys, where):
+    save_to = checkpoint if where == "the-checkpoint" else checkpoint / "preview"
+    before = directory_snapshot(checkpoint)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_push_script(str(checkpoint), "org/switch-bert", "--save-to", str(save_to))
+
+    assert exit_info.value.code == 2
+    assert f"--save-to {save_to} is in the checkpoint directory" in capsys.readouterr().err
+    assert directory_snapshot(checkpoint) == before
+    assert not (checkpoint / "preview").exists()
+
+
+@pytest.mark.parametrize(
+    ("leftover", "message"),
+    [("pytorch_model.bin", "is not empty (1 entries, e.g. pytorch_model.bin)"), (None, "is not a directory")],
+    ids=["stale-weights", "a-file"],
+)
+def test_save_to_a_non_empty_directory_or_a_file_is_refused(checkpoint, tmp_path, capsys, leftover, message):
+    save_to = tmp_path / "staged"
+    if leftover is None:
+        save_to.write_text("not a directory")
+    else:
+        save_to.mkdir()
+        (save_to / leftover).write_bytes(b"weights of an older push")
+    before = directory_snapshot(tmp_path)
+
+    exit_code = run_push_script(str(checkpoint), "org/switch-bert", "--save-to", str(save_to))
+
+    assert exit_code == 2
+    assert f"push_to_hub: error: --save-to: {save_to} {message}" in capsys.readouterr().err
+    assert directory_snapshot(tmp_path) == before
 
 
 def test_card_says_what_was_not_recorded(tiny_switch):
@@ -587,3 +867,85 @@ def test_bad_eval_results_fail_before_anything_is_pushed(tiny_switch, eval_resul
 
     with pytest.raises(ValueError, match=message):
         switch_hub.render_model_card(model, tokenizer, "org/switch-bert", eval_results=eval_results)
+
+
+# --- nothing of this machine in a published file ----------------------------------------------------------------------
+
+
+def machine_paths(*more: Path) -> list[str]:
+    """Absolute paths of this machine: the repository, the Python environment, the home directory, ..."""
+    paths = {REPO_ROOT, Path(sys.prefix), Path.home(), *more}
+    return sorted(str(path) for path in paths if path != Path(path.anchor))
+
+
+def files_naming(directory: Path, paths: list[str]) -> dict[str, list[str]]:
+    """The files below `directory` that contain any of `paths` (a safetensors file: in its header, the rest is
+    numbers), with the paths found."""
+    found = {}
+    for file in sorted(directory.rglob("*")):
+        if not file.is_file():
+            continue
+        content = file.read_bytes()
+        if file.suffix == ".safetensors":
+            (header_size,) = struct.unpack("<Q", content[:8])
+            content = content[8 : 8 + header_size]
+        named = [path for path in paths if path.encode() in content]
+        if named:
+            found[str(file.relative_to(directory))] = named
+    return found
+
+
+def test_released_checkpoint_names_no_path_of_this_machine(minilm_path):
+    assert files_naming(RELEASED_CHECKPOINT, machine_paths(Path(minilm_path))) == {}
+
+
+@pytest.mark.parametrize("backbone_source", ["bundled-backbone", "local-directory"])
+def test_save_for_hub_names_the_backbone_by_its_hub_id_not_its_directory(
+    tiny_switch, minilm_path, tmp_path, monkeypatch, backbone_source
+):
+    model, tokenizer = tiny_switch
+    backbone_dir = Path(minilm_path) if backbone_source == "bundled-backbone" else tmp_path / "my-backbone"
+    backbone_dir.mkdir(exist_ok=True)
+    # What `SwitchForTokenReconstruction.from_backbone(directory)` records.
+    monkeypatch.setattr(model.config.backbone_config, "_name_or_path", str(backbone_dir))
+    staged = tmp_path / "staged"
+
+    switch_hub.save_for_hub(model, tokenizer, staged, "org/switch-bert")
+
+    assert files_naming(staged, machine_paths(tmp_path, backbone_dir)) == {}
+    backbone_config = json.loads((staged / "config.json").read_text())["backbone_config"]
+    expected = {"bundled-backbone": "sentence-transformers/all-MiniLM-L6-v2", "local-directory": None}[backbone_source]
+    assert backbone_config.get("_name_or_path") == expected
+
+
+def test_release_script_writes_a_release_without_paths_of_this_machine(tiny_switch, minilm_path, tmp_path, monkeypatch):
+    model, tokenizer = tiny_switch
+    run_dir = tmp_path / "runs" / "release"
+    trained = run_dir / "final"
+    monkeypatch.setattr(model.config.backbone_config, "_name_or_path", minilm_path)
+    model.save_pretrained(trained)
+    tokenizer.save_pretrained(trained)
+    arguments = {"config": str(REPO_ROOT / "configs" / "switch.json"), "corpus_dir": str(REPO_ROOT / "data" / "corpus"),
+                 "output_dir": str(run_dir), "max_steps": 10}
+    (run_dir / "args.json").write_text(json.dumps(arguments))
+    eval_path = tmp_path / "eval_results.json"
+    eval_path.write_text(json.dumps({**EVAL_RESULTS, "model": str(trained)}))
+    manifest_path = tmp_path / "sources.json"
+    manifest_path.write_text(json.dumps({"splits": {"train": {"examples": 5, "tokenizer": minilm_path}}}))
+    release = tmp_path / "release"
+
+    release_script.main([
+        "--trained", str(trained), "--eval", str(eval_path), "--corpus-manifest", str(manifest_path),
+        "--output-dir", str(release), "--max-megabytes", "1000",
+    ])
+
+    assert files_naming(release, machine_paths(tmp_path, Path(minilm_path))) == {}
+    training_data = json.loads((release / "training_data.json").read_text())
+    assert training_data["splits"]["train"]["tokenizer"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert training_data["procedure"] == [
+        {"config": "configs/switch.json", "corpus_dir": "data/corpus", "output_dir": None, "max_steps": 10}
+    ]
+    config = json.loads((release / "config.json").read_text())
+    assert config["backbone_config"]["_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert config["dtype"] == "float32"
+    assert set(safetensors_dtypes((release / "model.safetensors").read_bytes()).values()) == {"F16"}

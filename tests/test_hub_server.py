@@ -257,3 +257,38 @@ def test_missing_things_get_hub_style_404s_directly_and_through_olah(hub):
         # olah fetches files in byte ranges; the push server must honour them.
         ranged = httpx.get(f"{base_url}/{repo_id}/resolve/main/digits.txt", headers={"Range": "bytes=2-5"})
         assert (ranged.status_code, ranged.content) == (206, b"2345")
+
+
+def test_deleted_repo_is_gone_and_its_name_free_again(hub):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo_id = f"{hub.org}/{unique_repo_name('deleted')}"
+    api = HfApi(endpoint=hub.push_endpoint, token=hub.token)
+    api.create_repo(repo_id)
+    api.upload_file(path_or_fileobj=b"0123456789", path_in_repo="digits.txt", repo_id=repo_id)
+
+    api.delete_repo(repo_id)
+
+    assert hub.branch_head(repo_id) is None
+    assert not (hub.repo_root / "models" / repo_id).exists()
+    with pytest.raises(RepositoryNotFoundError):
+        api.delete_repo(repo_id)
+    api.create_repo(repo_id)
+    assert api.list_repo_files(repo_id) == [".gitattributes"]
+
+
+@pytest.mark.parametrize(
+    ("with_token", "namespace", "status"),
+    [(False, "org", 401), (True, "closed-org", 403)],
+    ids=["no-token", "foreign-namespace"],
+)
+def test_deleting_a_repo_needs_write_access_to_its_namespace(hub, with_token, namespace, status):
+    name = unique_repo_name("kept")
+    hub.push_server.store.create_repo(namespace, name, author="someone-else")
+    api = HfApi(endpoint=hub.push_endpoint, token=hub.token if with_token else False)
+
+    with pytest.raises(HfHubHTTPError) as raised:
+        api.delete_repo(f"{namespace}/{name}")
+
+    assert raised.value.response.status_code == status
+    assert hub.branch_head(f"{namespace}/{name}") is not None

@@ -6,8 +6,9 @@ with the tile's activations kept in cache and the weights read as stored (no per
 returns the inner values the backward needs, whose per-expert products it runs on register tiles of its own, split
 between threads, the weight gradients streamed to memory. docs/benchmarks.md has the measurements.
 
-`load()` compiles it with the machine's C++ compiler through `torch.utils.cpp_extension` (about 10 s, once per
-machine and source: the build is cached under `~/.cache/torch_extensions`), which registers the ops
+`load()` compiles it with the machine's C++ compiler through `torch.utils.cpp_extension` (10-20 s, once per machine,
+source and torch installation, announced by one line on stderr: the build is cached in torch's extensions directory,
+`$TORCH_EXTENSIONS_DIR` or `~/.cache/torch_extensions`), which registers the ops
 `torch.ops.switch_hf.expert_feed_forward`, `expert_feed_forward_with_inner`, `expert_matmul` and
 `expert_outer_products`. `modeling_switch` looks them up and falls back to torch's products where they are missing,
 for instance when a checkpoint is loaded with `trust_remote_code` alone. Set `SWITCH_HF_EXPERT_KERNEL=0` to never
@@ -18,6 +19,7 @@ kernel through `torch.library`, right after the build: every op is then differen
 differentiable in (no call drops a gradient, whichever op the experts take), and traceable by `torch.compile`.
 """
 
+import hashlib
 import logging
 import os
 import shutil
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("expert_kernel.cpp")
 ENVIRONMENT_SWITCH = "SWITCH_HF_EXPERT_KERNEL"
+# The AVX-512 subsets torch requires for its own AVX512 kernels, not -march=native: a cached build must run on any
+# machine torch reports AVX512 on. -fopenmp compiles at::parallel_for's parallel region, which runs on torch's own
+# OpenMP runtime (the same libgomp.so.1, already loaded).
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
 
 
 def is_registered() -> bool:
@@ -58,9 +64,8 @@ def load() -> bool:
         return True
     reason = unavailable_reason()
     if reason is None:
-        logger.info("loading switch_hf's expert kernel (built once per machine, cached in ~/.cache/torch_extensions)")
         try:
-            _build()
+            _build(build_name())
             register_formulas()
         except Exception as error:  # a failed build must not stop the model: torch's products still work
             reason = f"building or registering it failed: {error}", logging.WARNING
@@ -71,16 +76,31 @@ def load() -> bool:
     return is_registered()
 
 
-def _build():
+def build_name() -> str:
+    """The build's name, by which torch keys its cache directory: one per source, flags and torch installation, so
+    that virtual environments sharing the cache keep their own builds instead of rebuilding over each other's."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*COMPILER_FLAGS, torch.__version__, str(Path(torch.__file__).resolve().parent)):
+        key.update(part.encode())
+    return f"switch_hf_expert_kernel_{key.hexdigest()[:16]}"
+
+
+def _build(name: str):
     # Importing the builder warns "No CUDA runtime is found" where a CUDA toolkit is installed without a GPU:
     # irrelevant to a CPU kernel, so it is kept out of every import of switch_hf.
     builder_logger = logging.getLogger("torch.utils.cpp_extension")
     level = builder_logger.level
     builder_logger.setLevel(logging.ERROR)
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import _get_build_directory, load as build
     finally:
         builder_logger.setLevel(level)
+
+    build_directory = Path(_get_build_directory(name, verbose=False))
+    if not (build_directory / f"{name}.so").is_file():
+        # A compile is a pause of 10-20 s on an import that is otherwise quick: say what it is, once.
+        print(f"switch_hf: building the experts' CPU kernel for this installation (once, 10-20 s) in {build_directory}",
+              file=sys.stderr, flush=True)
 
     # torch's builder runs `ninja` from PATH; the `ninja` package installs it next to this Python, which may not be
     # on PATH when the virtual environment is not activated.
@@ -88,12 +108,9 @@ def _build():
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:
         build(
-            name="switch_hf_expert_kernel",
+            name=name,
             sources=[str(SOURCE)],
-            # The AVX-512 subsets torch requires for its own AVX512 kernels, not -march=native: a cached build must
-            # run on any machine torch reports AVX512 on. -fopenmp compiles at::parallel_for's parallel region, which
-            # runs on torch's own OpenMP runtime (the same libgomp.so.1, already loaded).
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"],
+            extra_cflags=COMPILER_FLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -1120,9 +1120,11 @@ class SwitchPreTrainedModel(PreTrainedModel):
 
         - weights come from safetensors only: a checkpoint that has only pickle weights (`pytorch_model.bin`) fails
           with a clear error instead of being unpickled, unless the caller passes `use_safetensors=False`;
-        - a weight the checkpoint lacks (say, a config naming more Switch layers than the weights hold) fails the
-          load instead of being initialised at random; `strict=False` accepts that (transformers' load report names
-          the weights), and `strict=True` also fails on unexpected weights or weights of another shape;
+        - a weight of the base model that the checkpoint lacks (say, a config naming more Switch layers than the
+          weights hold) fails the load instead of being initialised at random; `strict=False` accepts that
+          (transformers' load report names the weights), and `strict=True` also fails on a missing head, unexpected
+          weights or weights of another shape. A head missing from a base model's checkpoint is initialised at
+          random, as in transformers, with its load report;
         - a weight holding NaN or infinite values is named in a warning.
         """
         if kwargs.get("use_safetensors") is None:
@@ -1145,7 +1147,15 @@ class SwitchPreTrainedModel(PreTrainedModel):
             "unexpected": sorted(loading_info["unexpected_keys"]),
             "mismatched": sorted(key for key, *_ in loading_info["mismatched_keys"]),
         }
-        failing = problems if strict else {"missing": problems["missing"]} if strict is None else {}
+        if strict:
+            failing = problems
+        elif strict is None:
+            # A task head missing from a base model's checkpoint is the usual start of fine-tuning; a missing
+            # backbone or Switch weight means the checkpoint does not hold the model its config describes.
+            base_prefix = "" if model.base_model is model else f"{cls.base_model_prefix}."
+            failing = {"missing": [key for key in problems["missing"] if key.startswith(base_prefix)]}
+        else:
+            failing = {}
         if any(failing.values()):
             listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in failing.items() if keys)
             hint = "" if strict else " (pass strict=False to initialise the missing weights at random)"
@@ -1179,7 +1189,7 @@ class SwitchPreTrainedModel(PreTrainedModel):
                 backbone's `intermediate_size` and the same activation.
             backbone_kwargs: passed to `BertModel.from_pretrained`.
         """
-        backbone = BertModel.from_pretrained(backbone_name_or_path, add_pooling_layer=False, **backbone_kwargs)
+        backbone = _BertWithoutPooler.from_pretrained(backbone_name_or_path, add_pooling_layer=False, **backbone_kwargs)
         config = config if config is not None else SwitchConfig()
         for field in ("hidden_size", "vocab_size"):
             ours, theirs = getattr(config.backbone_config, field), getattr(backbone.config, field)
@@ -1195,6 +1205,13 @@ class SwitchPreTrainedModel(PreTrainedModel):
         if upcycle_experts:
             model.base_model.upcycle_experts_from_backbone()
         return model
+
+
+class _BertWithoutPooler(BertModel):
+    """The backbone as `from_backbone` reads a BERT checkpoint: the Switch layers read the token states, so the
+    checkpoint's pooler weights go unused by design, not by mistake worth a load report."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^pooler\."]
 
 
 class SwitchModel(SwitchPreTrainedModel):

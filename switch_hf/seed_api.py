@@ -1,5 +1,5 @@
-"""The seed document's API: `SwitchTransformer(num_experts, hidden_size=..., num_heads=...)` and
-`model(embeddings) -> token logits`, kept working on top of [`SwitchForTokenReconstruction`].
+"""A compact constructor: `SwitchTransformer(num_experts, hidden_size=..., num_heads=...)` and
+`model(embeddings) -> token logits`, on top of [`SwitchForTokenReconstruction`].
 
 New code should use `SwitchForTokenReconstruction` (or `AutoModelForMaskedLM`) directly: it takes `input_ids` as
 well, returns a `ModelOutput` with the losses and routing statistics, and loads pretrained backbones.
@@ -13,7 +13,7 @@ from .modeling_switch import SwitchForTokenReconstruction
 
 
 class SwitchTransformer(SwitchForTokenReconstruction):
-    """Switch layers over BERT embeddings, built from the seed's three numbers.
+    """Switch layers over BERT embeddings, built from three numbers.
 
     Args:
         num_experts: experts per Switch layer.
@@ -22,7 +22,7 @@ class SwitchTransformer(SwitchForTokenReconstruction):
         config_kwargs: any other [`SwitchConfig`] field, e.g. `num_switch_layers`.
 
     The backbone has bert-base-uncased's vocabulary (30,522 tokens) and the given hidden size; it is random, since
-    the seed feeds precomputed embeddings. `SwitchTransformer(config)` also works, for `from_pretrained`.
+    this model is fed precomputed embeddings. `SwitchTransformer(config)` also works, for `from_pretrained`.
     """
 
     def __init__(self, num_experts: int | SwitchConfig, hidden_size: int = 768, num_heads: int = 8, **config_kwargs):

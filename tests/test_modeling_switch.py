@@ -404,15 +404,17 @@ def test_missing_weights_are_named_and_strict_loading_fails(tmp_path, caplog):
     assert info["missing_keys"] == {missing}
 
 
-def test_the_base_model_loads_a_full_checkpoint_quietly_and_the_head_model_refuses_a_base_one(tmp_path, caplog):
+def test_the_base_model_loads_a_full_checkpoint_quietly_and_a_head_starts_from_a_base_one(tmp_path, caplog):
     SwitchForTokenReconstruction(tiny_config()).save_pretrained(tmp_path / "full")
     with caplog.at_level(logging.WARNING):
         _, info = SwitchModel.from_pretrained(tmp_path / "full", strict=True, output_loading_info=True)
     assert info["unexpected_keys"] == set() and "head." not in caplog.text
 
     SwitchModel(tiny_config()).save_pretrained(tmp_path / "base")
+    _, info = SwitchForTokenReconstruction.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] and all(key.startswith("head.") for key in info["missing_keys"])
     with pytest.raises(ValueError, match=r"missing: head\.decoder\.bias, head\.dense\.bias"):
-        SwitchForTokenReconstruction.from_pretrained(tmp_path / "base")
+        SwitchForTokenReconstruction.from_pretrained(tmp_path / "base", strict=True)
 
 
 def test_non_finite_weights_are_named_in_a_warning(tmp_path, caplog):
@@ -464,7 +466,7 @@ def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, 
 # --- the real backbone --------------------------------------------------------------------------------------------
 
 
-def test_from_backbone_loads_minilm_and_reconstructs_the_issue_example(minilm_path, tmp_path):
+def test_from_backbone_loads_minilm_and_reconstructs_a_sentence(minilm_path, tmp_path):
     from conftest import REPO_ROOT
 
     config = SwitchConfig.from_json_file(REPO_ROOT / "configs" / "switch-minilm-l6-e8.json")
@@ -486,6 +488,18 @@ def test_from_backbone_loads_minilm_and_reconstructs_the_issue_example(minilm_pa
     reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, out.logits)
+
+
+def test_from_backbone_and_saving_say_nothing_about_the_unused_pooler_or_the_tied_head(minilm_path, tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    from conftest import REPO_ROOT
+
+    config = SwitchConfig.from_json_file(REPO_ROOT / "configs" / "switch-minilm-l6-e8.json")
+    with CaptureLogger(transformers_logging.get_logger("transformers")) as captured:
+        SwitchForTokenReconstruction.from_backbone(minilm_path, config=config).save_pretrained(tmp_path)
+    assert captured.out == ""
 
 
 def test_from_backbone_rejects_a_config_of_another_width(minilm_path):

@@ -7,11 +7,12 @@ pipeline's answer with what the model's own outputs say, never with fixed text.
 from __future__ import annotations
 
 import ast
+import copy
 import logging
 
 import pytest
 import torch
-from transformers import pipeline
+from transformers import AutoTokenizer, pipeline
 
 from conftest import REPO_ROOT
 from switch_hf import TokenReconstructionPipeline
@@ -126,17 +127,9 @@ def test_token_reconstruction_of_a_list_matches_one_call_per_text_batched_or_not
 MASKED_TEXTS = ["The quick brown [MASK] jumps over the lazy dog.", "Hello [MASK]!"]
 
 # transformers' fill-mask and feature-extraction pipelines unbatch the model's whole output, slicing every tensor in it
-# along dim 0. The Switch models' outputs also hold batch-wide statistics (the 0-dim losses, tokens_per_expert,
-# dropped_fraction, expert_indices per router), which cannot be sliced per row: the change belongs in the models'
-# outputs (modeling_switch.py). The token-reconstruction pipeline keeps only per-row outputs and batches correctly.
-BATCH_WIDE_OUTPUTS = pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="the model's output holds batch-wide statistics that transformers' pipelines slice as if per row",
-)
+# along dim 0: an inference output must hold only per-example tensors, not the batch-wide routing statistics.
 
 
-@BATCH_WIDE_OUTPUTS
 def test_fill_mask_pipeline_batched_matches_one_text_at_a_time(tiny_switch):
     model, tokenizer = tiny_switch
     fill_mask = pipeline("fill-mask", model=model, tokenizer=tokenizer)
@@ -150,7 +143,6 @@ def test_fill_mask_pipeline_batched_matches_one_text_at_a_time(tiny_switch):
         assert [p["score"] for p in batched_result] == pytest.approx([p["score"] for p in single_result], rel=1e-4)
 
 
-@BATCH_WIDE_OUTPUTS
 def test_feature_extraction_pipeline_batched_matches_one_text_at_a_time(tiny_switch):
     model, tokenizer = tiny_switch
     extract = pipeline("feature-extraction", model=model.model, tokenizer=tokenizer)
@@ -191,6 +183,40 @@ def test_token_reconstruction_truncates_long_text_with_a_warning(tiny_switch, re
 
     assert len(result["tokens"]) == model.config.max_position_embeddings - 2  # room for [CLS] and [SEP]
     assert "the model reads at most 64" in caplog.text
+
+
+def test_token_reconstruction_warns_once_past_the_tokenizers_limit(minilm_path, tiny_switch, monkeypatch, caplog):
+    model, _ = tiny_switch
+    # A tokenizer of its own: it warns about a long text only once in its life.
+    reconstruct = pipeline("token-reconstruction", model=model, tokenizer=AutoTokenizer.from_pretrained(minilm_path))
+    # The tokenizer warns through transformers' logger, which does not propagate to caplog's handler.
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+
+    with caplog.at_level(logging.WARNING):
+        reconstruct("word " * 600)  # past the model's 64 tokens and the tokenizer's 512
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warnings == [
+        "The text is 602 tokens long; the model reads at most 64, so only its first 64 tokens are reconstructed."
+    ]
+
+
+def test_token_reconstruction_fills_every_position_with_text(tiny_switch):
+    model, tokenizer = tiny_switch
+    # A model whose best guess everywhere is [UNK]: the text must show its best word at each position instead.
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.get_output_embeddings().bias[tokenizer.unk_token_id] = 30.0
+    text = f"{tokenizer.mask_token} is the capital of France, {tokenizer.unk_token} of Germany."
+    _, probabilities = model_probabilities(model, tokenizer, text)
+
+    result = pipeline("token-reconstruction", model=model, tokenizer=tokenizer)(text)
+
+    assert {token["predicted_token"] for token in result["tokens"]} == {tokenizer.unk_token}
+    positions = [token["index"] for token in result["tokens"]]
+    best_words = probabilities[positions].topk(2).indices[:, 1].tolist()  # [UNK] first, then the best word
+    assert not set(best_words) & set(tokenizer.all_special_ids)
+    assert result["reconstructed_text"] == tokenizer.decode(best_words)
 
 
 @pytest.mark.parametrize(

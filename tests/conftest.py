@@ -1,12 +1,22 @@
+import json
 import os
+import select
+import signal
+import subprocess
+import sys
 from pathlib import Path
-
-import pytest
-import torch
 
 # No test may reach the Hub: the machines have no internet, and a silent download would hide a missing file.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch's OpenMP threads spin between parallel regions; on a shared machine the spinning thread takes the core the
+# working one needs, and a test of tiny products ran 6 times slower than with the threads sleeping. Read when OpenMP
+# loads, so set before torch is imported, here and in every interpreter the tests start. Same threads, same results.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# What the session started with, before any test patched it: the environment of the interpreters tests share.
+SESSION_ENVIRONMENT = dict(os.environ)
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import BertConfig  # noqa: E402
 
 from switch_hf import SwitchConfig  # noqa: E402
@@ -52,6 +62,129 @@ try:
 except ImportError:
     pass
 """
+
+
+# A new interpreter spends 10-20 s of a loaded 2-core machine importing torch and transformers before it runs a line.
+# This one imports them once, then forks a child per program. Each child starts from that state, in which nothing of
+# switch_hf is imported, runs its program as `python -c CODE ARGS...`, `python -m MODULE ARGS...` or `python SCRIPT
+# ARGS...` would (as the interpreter's `__main__`, in its own working directory) and ends with its own exit status.
+# The parent runs no parallel region before it forks, so each child starts torch's OpenMP threads afresh.
+WARM_INTERPRETER = r"""
+import json, os, runpy, sys, types
+
+import torch, transformers, transformers.pipelines  # noqa: F401
+
+
+def next_program():
+    # The parent forks a child per request and reports its pid, then its exit status; a child returns its request.
+    for line in sys.stdin:
+        request = json.loads(line)
+        child = os.fork()
+        if child == 0:
+            return request
+        print(child, flush=True)
+        print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
+    raise SystemExit(0)
+
+
+program = next_program()
+os.chdir(program["cwd"])
+written = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, program["stdout"], written), (2, program["stderr"], written)):
+    os.dup2(os.open(path, flags), fd)
+kind, target = program["kind"], program["target"]
+sys.argv = [{"code": "-c"}.get(kind, target), *program["arguments"]]
+if kind == "module":
+    sys.path[0] = os.getcwd()
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+elif kind == "script":
+    sys.path[0] = os.path.dirname(os.path.abspath(target))
+    runpy.run_path(target, run_name="__main__")
+else:
+    sys.modules["__main__"] = main = types.ModuleType("__main__")
+    exec(compile(target, "<string>", "exec"), main.__dict__)
+"""
+
+
+class WarmPython:
+    """Runs programs in children of one interpreter that has imported torch and transformers (`WARM_INTERPRETER`).
+
+    Its environment is the one the session started with, offline, with `HF_MODULES_CACHE` in `scratch`: the variables
+    torch, transformers and huggingface_hub read at import are the same for every program, so a test that needs other
+    values starts its own interpreter.
+    """
+
+    start_timeout_s = 300
+
+    def __init__(self, scratch: Path):
+        self.scratch = scratch
+        self.runs = 0
+        self._replies = b""
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WARM_INTERPRETER],
+            cwd=REPO_ROOT,
+            env={**SESSION_ENVIRONMENT, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(scratch / "modules")},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+
+    def run(
+        self, code: str | None = None, *, module: str | None = None, script: Path | None = None, arguments=(),
+        cwd=REPO_ROOT, timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
+        """`python -c code`, `python -m module` or `python script` with `arguments`, in `cwd`: its status and output."""
+        programs = {"code": code, "module": module, "script": None if script is None else str(script)}
+        given = [(kind, target) for kind, target in programs.items() if target is not None]
+        if len(given) != 1:
+            raise ValueError(f"run() takes one of code, module or script, got {[kind for kind, _ in given]}")
+        (kind, target), arguments = given[0], [str(argument) for argument in arguments]
+        self.runs += 1
+        stdout, stderr = (self.scratch / f"run-{self.runs}.{stream}" for stream in ("stdout", "stderr"))
+        request = dict(kind=kind, target=target, arguments=arguments, cwd=str(cwd), stdout=str(stdout),
+                       stderr=str(stderr))  # fmt: skip
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        args = [sys.executable, *{"code": ["-c"], "module": ["-m"]}.get(kind, []), target, *arguments]
+        try:  # the first program waits for the imports
+            child = int(self._reply(self.start_timeout_s))
+        except TimeoutError:
+            self.process.kill()
+            raise
+        try:
+            returncode = int(self._reply(timeout))
+        except TimeoutError:
+            os.kill(child, signal.SIGKILL)
+            self._reply(timeout)
+            raise subprocess.TimeoutExpired(args, timeout, stdout.read_text(), stderr.read_text()) from None
+        return subprocess.CompletedProcess(args, returncode, stdout.read_text(), stderr.read_text())
+
+    def _reply(self, timeout: float) -> bytes:
+        while b"\n" not in self._replies:
+            if not select.select([self.process.stdout], [], [], timeout)[0]:
+                raise TimeoutError(f"the warm interpreter did not answer in {timeout} s")
+            chunk = os.read(self.process.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"the warm interpreter exited with status {self.process.wait()}")
+            self._replies += chunk
+        line, self._replies = self._replies.split(b"\n", 1)
+        return line
+
+    def close(self):
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory):
+    """A `WarmPython` for the session, started on first use."""
+    interpreter = WarmPython(tmp_path_factory.mktemp("warm_python"))
+    yield interpreter
+    interpreter.close()
 
 
 @pytest.fixture(autouse=True)

@@ -1,25 +1,23 @@
 """scripts/bench_moe.py runs end to end at tiny shapes and reports every contender and target (no timing asserted)."""
 
 import json
-import os
-import subprocess
-import sys
+
+import pytest
 
 from conftest import REPO_ROOT
 
 from switch_hf import expert_kernel
 
 
-def test_benchmark_reports_every_contender_and_target(tmp_path):
+@pytest.mark.slow
+def test_benchmark_reports_every_contender_and_target(tmp_path, warm_python):
     output = tmp_path / "bench.json"
-    command = [
-        sys.executable, str(REPO_ROOT / "scripts" / "bench_moe.py"), "--threads", "1",
-        "--tokens", "64", "--seq-len", "32", "--hidden", "32", "--ffn", "64", "--heads", "4",
+    arguments = [
+        "--threads", "1", "--tokens", "64", "--seq-len", "32", "--hidden", "32", "--ffn", "64", "--heads", "4",
         "--experts", "4", "8", "--attention-experts", "4", "--repeats", "1", "--warmup", "0",
-        "--e2e-batch", "1", "--e2e-seq-len", "8", "--e2e-repeats", "1", "--output", str(output),
+        "--e2e-batch", "1", "--e2e-seq-len", "8", "--e2e-repeats", "1", "--output", output,
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = warm_python.run(script=REPO_ROOT / "scripts" / "bench_moe.py", arguments=arguments, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.loads(output.read_text())

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -154,7 +151,7 @@ def test_overrides_on_loading_are_applied_like_constructor_arguments(saved_tiny_
     assert config.router_names == ["layer 0 feed_forward", "layer 2 attention", "layer 2 feed_forward"]
 
 
-def test_overrides_are_checked_by_the_code_a_checkpoint_ships(saved_tiny_model, tmp_path):
+def test_overrides_are_checked_by_the_code_a_checkpoint_ships(saved_tiny_model, tmp_path, warm_python):
     """Where switch_hf is not installed, `trust_remote_code` loads the checkpoint's own configuration_switch.py."""
     script = BLOCK_SWITCH_HF + textwrap.dedent(
         f"""
@@ -169,9 +166,7 @@ def test_overrides_are_checked_by_the_code_a_checkpoint_ships(saved_tiny_model, 
             print("REJECTED", error)
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = warm_python.run(script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REJECTED SwitchConfig.capacity_factor_eval must be a finite number > 0" in result.stdout
 

@@ -17,10 +17,13 @@ from switch_hf import SwitchConfig, SwitchForTokenReconstruction
 
 from conftest import REPO_ROOT, TINY_VOCAB, tiny_config
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+    pytest.mark.slow,
+]
 
 def deterministic_config(num_experts: int) -> SwitchConfig:
     """A tiny model without any randomness in training mode (no dropout, no jitter), whose capacity still drops."""

@@ -2,9 +2,6 @@
 tests/device.py, which gives the device-independent tests the device gpu_check runs them on."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,16 +22,13 @@ def test_runs_on_the_device_gpu_check_names():
 """
 
 
-def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
+@pytest.mark.slow
+def test_gpu_check_runs_every_section_on_the_cpu(tmp_path, warm_python):
     device_test = tmp_path / "test_on_device.py"
     device_test.write_text(DEVICE_TEST)
     output = tmp_path / "out"
-    command = [
-        sys.executable, str(REPO_ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick",
-        "--output-dir", str(output), "--device-tests", str(device_test),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    arguments = ["--device", "cpu", "--quick", "--output-dir", output, "--device-tests", device_test]
+    result = warm_python.run(script=REPO_ROOT / "scripts" / "gpu_check.py", arguments=arguments, timeout=600)
 
     report = json.loads((output / "gpu_check.json").read_text())
     sections = report["sections"]

@@ -264,6 +264,7 @@ def read_repo_json(hub, repo_id: str, filename: str, revision: str = "main") -> 
 # --- model.push_to_hub + tokenizer.push_to_hub ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plain_push_holds_config_weights_tokenizer_code_and_card(hub, published):
     repo_id = published["repos"]["raw"]
 
@@ -280,6 +281,7 @@ def test_plain_push_holds_config_weights_tokenizer_code_and_card(hub, published)
     }
 
 
+@pytest.mark.slow
 def test_plain_push_pulls_through_olah_without_switch_hf_with_identical_logits(hub, published):
     report, tensors = published["report"], published["tensors"]
 
@@ -290,6 +292,7 @@ def test_plain_push_pulls_through_olah_without_switch_hf_with_identical_logits(h
     assert torch.equal(tensors["raw_logits"], published["reference_logits"])
 
 
+@pytest.mark.slow
 def test_plain_push_serves_fill_mask_from_the_hub(tiny_switch, published):
     model, tokenizer = tiny_switch
     text = f"The quick brown {tokenizer.mask_token} jumps over the lazy dog."
@@ -302,6 +305,7 @@ def test_plain_push_serves_fill_mask_from_the_hub(tiny_switch, published):
 # --- scripts/push_to_hub.py and the push helper ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_push_script_publishes_everything_in_one_commit_and_only_reads_the_checkpoint(hub, published):
     repo_id = published["repos"]["card"]
 
@@ -326,10 +330,12 @@ def test_push_script_publishes_everything_in_one_commit_and_only_reads_the_check
     }
 
 
+@pytest.mark.slow
 def test_pushed_model_pulls_through_olah_with_identical_logits(published):
     assert torch.equal(published["tensors"]["card_logits"], published["reference_logits"])
 
 
+@pytest.mark.slow
 def test_token_reconstruction_pipeline_loads_from_the_hub_without_switch_hf(tiny_switch, published):
     model, tokenizer = tiny_switch
     report = published["report"]
@@ -341,6 +347,7 @@ def test_token_reconstruction_pipeline_loads_from_the_hub_without_switch_hf(tiny
     assert report["reconstructions"] == expected
 
 
+@pytest.mark.slow
 def test_feature_extraction_pipeline_loads_switch_model_from_the_hub(tiny_switch, published):
     model, tokenizer = tiny_switch
     local = pipeline("feature-extraction", model=model.model, tokenizer=tokenizer)
@@ -350,6 +357,7 @@ def test_feature_extraction_pipeline_loads_switch_model_from_the_hub(tiny_switch
         assert torch.equal(pulled, torch.tensor(local(sentence)))
 
 
+@pytest.mark.slow
 def test_card_metadata_parses_and_describes_the_model(published):
     metadata = published["report"]["card_metadata"]  # parsed by huggingface_hub.ModelCard in the pulling process
 
@@ -363,6 +371,7 @@ def test_card_metadata_parses_and_describes_the_model(published):
     assert reported == {key: EVAL_RESULTS[key] for key in switch_hub.EVAL_METRICS}
 
 
+@pytest.mark.slow
 def test_every_widget_example_runs_through_the_pipeline_its_card_names(tiny_switch, published):
     model, tokenizer = tiny_switch
     widget = published["report"]["widget"]
@@ -374,6 +383,7 @@ def test_every_widget_example_runs_through_the_pipeline_its_card_names(tiny_swit
         assert example["output"] == local(example["text"])
 
 
+@pytest.mark.slow
 def test_pulling_a_repo_without_weights_fails_clearly(published):
     failure = published["report"]["no_weights"]
 
@@ -382,6 +392,7 @@ def test_pulling_a_repo_without_weights_fails_clearly(published):
     assert "model.safetensors" in failure["message"]
 
 
+@pytest.mark.slow
 def test_pulling_a_repo_with_only_pickle_weights_fails_clearly(published):
     failure = published["report"]["pickle_only"]
 
@@ -389,6 +400,7 @@ def test_pulling_a_repo_with_only_pickle_weights_fails_clearly(published):
     assert "has no safetensors weights" in failure["message"]
 
 
+@pytest.mark.slow
 def test_pulling_a_missing_revision_says_the_revision_does_not_exist(published):
     failure = published["report"]["missing_revision"]
 
@@ -449,6 +461,7 @@ def test_server_error_on_commit_fails_with_its_message_and_commits_nothing(hub, 
     assert [entry.path for entry in HfApi().list_repo_tree(repo_id)] == [".gitattributes"]
 
 
+@pytest.mark.slow
 def test_push_interrupted_during_the_weights_upload_leaves_no_commit(hub, checkpoint, monkeypatch, tmp_path):
     """Ctrl-C while model.safetensors is on its way: nothing is committed, the repo the push created is deleted, and
     its staging copy is removed."""

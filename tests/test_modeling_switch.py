@@ -429,38 +429,39 @@ def test_non_finite_weights_are_named_in_a_warning(tmp_path, caplog):
     assert "NaN or infinite" in caplog.text and "model.layers.0.moe.experts.up_proj" in caplog.text
 
 
-@pytest.mark.parametrize("expert_kinds", [None, "ab"])
-def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, monkeypatch, expert_kinds):
-    import subprocess
-    import sys
+def test_trust_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, monkeypatch, warm_python):
+    """Both layer layouts (feed-forward experts only; attention and both kinds) load and run from the checkpoint's own
+    code, in one process without switch_hf."""
     import textwrap
 
     # Compared bit for bit with a process without switch_hf, hence without its expert kernel, and with the
     # package's model loaded from the same file, so that both read their weights at the same memory alignment.
     monkeypatch.setattr(modeling_switch, "use_expert_kernel", False)
-    SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).save_pretrained(tmp_path / "ckpt")
-    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "ckpt").eval()
-    assert type(model) is SwitchForTokenReconstruction
-    ids = random_ids(2, 7)
-    torch.save({"ids": ids, "logits": model(input_ids=ids).logits.detach()}, tmp_path / "expected.pt")
+    checkpoints = {}
+    for expert_kinds in (None, "ab"):
+        checkpoint = tmp_path / f"ckpt-{expert_kinds or 'default'}"
+        SwitchForTokenReconstruction(tiny_config(expert_kinds=expert_kinds)).save_pretrained(checkpoint)
+        model = AutoModelForMaskedLM.from_pretrained(checkpoint).eval()
+        assert type(model) is SwitchForTokenReconstruction
+        ids = random_ids(2, 7)
+        torch.save({"ids": ids, "logits": model(input_ids=ids).logits.detach()}, checkpoint.with_suffix(".pt"))
+        checkpoints[str(checkpoint)] = str(checkpoint.with_suffix(".pt"))
     script = BLOCK_SWITCH_HF + textwrap.dedent(
         f"""
         import torch
         from transformers import AutoModelForMaskedLM
-        model = AutoModelForMaskedLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        assert type(model).__name__ == "SwitchForTokenReconstruction", type(model)
-        assert not type(model).__module__.startswith("switch_hf"), type(model).__module__
-        assert torch.equal(model(input_ids=expected["ids"]).logits, expected["logits"])
-        print("REMOTE-CODE-OK", type(model).__module__)
+        for checkpoint, expected_path in {checkpoints!r}.items():
+            model = AutoModelForMaskedLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+            expected = torch.load(expected_path)
+            assert type(model).__name__ == "SwitchForTokenReconstruction", (checkpoint, type(model))
+            assert not type(model).__module__.startswith("switch_hf"), (checkpoint, type(model).__module__)
+            assert torch.equal(model(input_ids=expected["ids"]).logits, expected["logits"]), checkpoint
+            print("REMOTE-CODE-OK", type(model).__module__)
         """
     )
-    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = warm_python.run(script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-CODE-OK transformers_modules" in result.stdout
+    assert result.stdout.count("REMOTE-CODE-OK transformers_modules") == len(checkpoints), result.stdout
 
 
 # --- the real backbone --------------------------------------------------------------------------------------------

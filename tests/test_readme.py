@@ -1,15 +1,14 @@
 """The README's examples run as written: every ```python block, and every `switch-hf fill-mask` / `switch-hf
-reconstruct` line of its shell blocks, each in a fresh process from the repository root, offline.
+reconstruct` line of its shell blocks, each in a process of its own from the repository root, offline (a child of
+conftest's `warm_python`, which has torch and transformers imported but not switch_hf).
 
 A block that cannot run here (it needs a GPU or the Hub) carries `<!-- readme-test: skip (why) -->` on the line
 right before its opening fence.
 """
 
-import os
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -65,9 +64,7 @@ COMMAND_LINES = [
 ]
 
 
-def run(argv: list[str], what: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+def check(result, what: str) -> None:
     assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stdout}\n{result.stderr[-4000:]}"
 
 
@@ -89,13 +86,43 @@ def test_every_skip_marker_gives_a_reason_and_sits_right_before_a_code_block():
         assert FENCE.match(following), f"README.md line {number}: the skip marker must be right before a code block"
 
 
+def test_each_example_runs_in_a_process_of_its_own(warm_python, tmp_path):
+    """What one program imports, defines or changes stays in its process; its status and output are its own."""
+    first = """
+import os, sys, tabnanny
+os.environ["LEFT_BEHIND"] = "1"
+defined = 1
+print(sys.argv, os.getcwd())
+sys.exit(3)
+"""
+    second = """
+import os, sys
+print("tabnanny" in sys.modules, "switch_hf" in sys.modules, "LEFT_BEHIND" in os.environ, "defined" in globals())
+raise ValueError("broken")
+"""
+
+    first, second = warm_python.run(first, arguments=["x"], cwd=tmp_path), warm_python.run(second)
+
+    assert (first.returncode, first.stdout) == (3, f"['-c', 'x'] {tmp_path}\n")
+    assert (second.returncode, second.stdout) == (1, "False False False False\n")
+    assert second.stderr.rstrip().endswith("ValueError: broken")
+
+
+def test_a_program_past_its_timeout_is_killed_and_the_next_one_runs(warm_python):
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:
+        warm_python.run("import time\nprint('started', flush=True)\ntime.sleep(300)", timeout=2)
+
+    assert timed_out.value.output == "started\n"
+    assert warm_python.run("print('next')").stdout == "next\n"
+
+
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"line-{block.line}" for block in PYTHON_BLOCKS])
-def test_python_block_runs(block):
-    run([sys.executable, "-c", block.code], f"README.md's python block at line {block.line}")
+def test_python_block_runs(warm_python, block):
+    check(warm_python.run(block.code), f"README.md's python block at line {block.line}")
 
 
 @pytest.mark.parametrize("line", [line for _, line in COMMAND_LINES], ids=[f"line-{n}" for n, _ in COMMAND_LINES])
-def test_command_line_example_runs(line):
+def test_command_line_example_runs(warm_python, line):
     program, *arguments = shlex.split(line, comments=True)
     assert program == "switch-hf"
-    run([sys.executable, "-m", "switch_hf.cli", *arguments], f"`{line}`")
+    check(warm_python.run(module="switch_hf.cli", arguments=arguments), f"`{line}`")

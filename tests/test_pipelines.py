@@ -232,6 +232,23 @@ def test_token_reconstruction_rejects_bad_arguments_clearly(reconstruct, inputs,
         reconstruct(inputs, **arguments)
 
 
+def test_token_reconstruction_by_checkpoint_name_runs_the_checkpoints_own_pipeline_code():
+    """transformers builds a checkpoint's `custom_pipelines` entry only from the code saved with it, so naming the
+    task with a directory needs `trust_remote_code=True` even with switch_hf imported (the README says so)."""
+    import switch_hf
+    from transformers import AutoModelForMaskedLM
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline("token-reconstruction", model=switch_hf.RELEASED_CHECKPOINT)
+    by_name = pipeline("token-reconstruction", model=switch_hf.RELEASED_CHECKPOINT, trust_remote_code=True)
+    assert type(by_name).__name__ == "TokenReconstructionPipeline"
+    model = AutoModelForMaskedLM.from_pretrained(switch_hf.RELEASED_CHECKPOINT)
+    tokenizer = AutoTokenizer.from_pretrained(switch_hf.RELEASED_CHECKPOINT)
+    by_object = pipeline("token-reconstruction", model=model, tokenizer=tokenizer)
+    text = "Paris is the [MASK] of France."
+    assert by_name(text) == by_object(text)
+
+
 def test_pipeline_module_imports_only_torch_and_transformers():
     """pipeline_switch.py ships with checkpoints and runs where switch_hf is not installed."""
     import sys

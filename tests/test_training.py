@@ -68,6 +68,12 @@ def train_command(setup, output_dir, *extra, init_from=None):
     ]
 
 
+def train(warm_python, setup, output_dir, *extra, init_from=None):
+    """`python scripts/train.py ...` on the tiny setup, in a child of the warm interpreter: its status and output."""
+    arguments = train_command(setup, output_dir, *extra, init_from=init_from)[2:]
+    return warm_python.run(script=REPO_ROOT / "scripts" / "train.py", arguments=arguments, timeout=600)
+
+
 def run(command, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, **kwargs)
@@ -112,8 +118,8 @@ def test_collator_rejects_bad_probabilities(minilm_path):
 # --- scripts/train.py ---------------------------------------------------------------------------------------------
 
 
-def test_train_script_trains_saves_and_evaluates(tiny_setup, tmp_path):
-    result = run(train_command(tiny_setup, tmp_path / "run", "--max-steps", "30", "--learning-rate", "3e-3"))
+def test_train_script_trains_saves_and_evaluates(warm_python, tiny_setup, tmp_path):
+    result = train(warm_python, tiny_setup, tmp_path / "run", "--max-steps", "30", "--learning-rate", "3e-3")
     assert result.returncode == 0, result.stderr[-3000:]
     logged = metrics(tmp_path / "run")
     assert [m["step"] for m in logged] == list(range(1, 31))
@@ -124,9 +130,10 @@ def test_train_script_trains_saves_and_evaluates(tiny_setup, tmp_path):
     assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
     assert SwitchForTokenReconstruction.from_pretrained(final, strict=True)
 
-    evaluation = run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--model", str(final),
-         "--corpus-dir", str(tiny_setup / "corpus"), "--output-dir", str(tmp_path / "eval"), "--max-length", "16"]
+    evaluation = warm_python.run(
+        script=REPO_ROOT / "scripts" / "evaluate.py",
+        arguments=["--model", final, "--corpus-dir", tiny_setup / "corpus", "--output-dir", tmp_path / "eval",
+                   "--max-length", "16"],
     )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
@@ -140,18 +147,19 @@ def test_train_script_trains_saves_and_evaluates(tiny_setup, tmp_path):
 
     # Training further from the finished model starts where it ended, not from the backbone: one step at the start of
     # the warm-up has learning rate 0, so the weights it saves are exactly the ones it started from.
-    more = run(train_command(tiny_setup, tmp_path / "more", "--max-steps", "1", init_from=final))
+    more = train(warm_python, tiny_setup, tmp_path / "more", "--max-steps", "1", init_from=final)
     assert more.returncode == 0, more.stderr[-3000:]
     started_from = SwitchForTokenReconstruction.from_pretrained(final).state_dict()
     continued = SwitchForTokenReconstruction.from_pretrained(tmp_path / "more" / "final").state_dict()
     assert continued.keys() == started_from.keys()
     assert all(torch.equal(continued[name], started_from[name]) for name in started_from)
-    clash = run(train_command(tiny_setup, tmp_path / "clash", "--upcycle", init_from=final))
+    clash = train(warm_python, tiny_setup, tmp_path / "clash", "--upcycle", init_from=final)
     assert clash.returncode == 2 and "--init-from takes the model" in clash.stderr and "--upcycle" in clash.stderr
 
 
 def test_resume_after_a_kill_continues_with_the_same_losses(tiny_setup, tmp_path):
     total_steps = 40
+    # The reference runs as the interrupted run does, in a process of its own with one thread: losses compared exactly.
     reference = run(train_command(tiny_setup, tmp_path / "reference", "--max-steps", str(total_steps), "--save-every", "5"))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -177,11 +185,11 @@ def test_resume_after_a_kill_continues_with_the_same_losses(tiny_setup, tmp_path
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
 
 
-def test_diverging_weights_stop_training_and_keep_the_last_good_state(train_script, tiny_setup, tmp_path):
+def test_diverging_weights_stop_training_and_keep_the_last_good_state(warm_python, train_script, tiny_setup, tmp_path):
     # The warm-up's first step has learning rate 0; the second one's 5e37 sends the weights far out of range.
-    result = run(
-        train_command(tiny_setup, tmp_path / "run", "--max-steps", "20", "--save-every", "1", "--learning-rate", "1e38",
-                      "--backbone-learning-rate", "1e38")
+    result = train(
+        warm_python, tiny_setup, tmp_path / "run", "--max-steps", "20", "--save-every", "1", "--learning-rate", "1e38",
+        "--backbone-learning-rate", "1e38",
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -194,41 +202,43 @@ def test_diverging_weights_stop_training_and_keep_the_last_good_state(train_scri
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_resume_without_state_names_the_path(tiny_setup, tmp_path):
-    result = run(train_command(tiny_setup, tmp_path / "nothing", "--max-steps", "2", "--resume"))
+def test_resume_without_state_names_the_path(warm_python, tiny_setup, tmp_path):
+    result = train(warm_python, tiny_setup, tmp_path / "nothing", "--max-steps", "2", "--resume")
     assert result.returncode != 0
     assert f"no saved state at {tmp_path / 'nothing' / 'state'}" in result.stderr
 
 
-def test_a_second_run_into_the_same_output_dir_is_refused_unless_resumed_or_overwritten(tiny_setup, tmp_path):
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_resumed_or_overwritten(
+    warm_python, tiny_setup, tmp_path
+):
     output_dir = tmp_path / "run"
-    first = run(train_command(tiny_setup, output_dir, "--max-steps", "2", "--save-every", "2"))
+    first = train(warm_python, tiny_setup, output_dir, "--max-steps", "2", "--save-every", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     before = {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file()}
 
-    again = run(train_command(tiny_setup, output_dir, "--max-steps", "3"))
+    again = train(warm_python, tiny_setup, output_dir, "--max-steps", "3")
     assert again.returncode == 2
     assert "Traceback" not in again.stderr
     assert f"--output-dir {output_dir} already holds a training run" in again.stderr
     assert "--resume" in again.stderr and "--overwrite-output-dir" in again.stderr
     assert {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file()} == before  # untouched
 
-    both = run(train_command(tiny_setup, output_dir, "--max-steps", "3", "--resume", "--overwrite-output-dir"))
+    both = train(warm_python, tiny_setup, output_dir, "--max-steps", "3", "--resume", "--overwrite-output-dir")
     assert both.returncode == 2 and "not both" in both.stderr
 
-    overwritten = run(train_command(tiny_setup, output_dir, "--max-steps", "1", "--overwrite-output-dir"))
+    overwritten = train(warm_python, tiny_setup, output_dir, "--max-steps", "1", "--overwrite-output-dir")
     assert overwritten.returncode == 0, overwritten.stderr[-3000:]
     assert [m["step"] for m in metrics(output_dir)] == [1]  # the first run's metrics are gone, not appended to
     assert json.loads((output_dir / "state" / "step.json").read_text())["step"] == 1
     assert json.loads((output_dir / "args.json").read_text())["max_steps"] == 1
 
 
-def test_overwriting_refuses_to_delete_the_checkpoint_it_starts_from(tiny_setup, tmp_path):
+def test_overwriting_refuses_to_delete_the_checkpoint_it_starts_from(warm_python, tiny_setup, tmp_path):
     output_dir = tmp_path / "run"
-    first = run(train_command(tiny_setup, output_dir, "--max-steps", "1"))
+    first = train(warm_python, tiny_setup, output_dir, "--max-steps", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     final = output_dir / "final"
-    result = run(train_command(tiny_setup, output_dir, "--max-steps", "1", "--overwrite-output-dir", init_from=final))
+    result = train(warm_python, tiny_setup, output_dir, "--max-steps", "1", "--overwrite-output-dir", init_from=final)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--init-from {output_dir / 'final'} lies in" in result.stderr
     assert (output_dir / "final" / "model.safetensors").exists()
@@ -278,10 +288,10 @@ def test_meaningless_numeric_options_exit_2_naming_the_option(train_script, tiny
     assert f"{option} must be {expected}, got " in capsys.readouterr().err
 
 
-def test_missing_corpus_says_what_to_put_there_and_exits_2(tiny_setup, tmp_path):
-    command = train_command(tiny_setup, tmp_path / "run", "--max-steps", "2")
-    command[command.index("--corpus-dir") + 1] = str(tmp_path / "no-corpus")
-    result = run(command)
+def test_missing_corpus_says_what_to_put_there_and_exits_2(warm_python, tiny_setup, tmp_path):
+    arguments = train_command(tiny_setup, tmp_path / "run", "--max-steps", "2")[2:]
+    arguments[arguments.index("--corpus-dir") + 1] = str(tmp_path / "no-corpus")
+    result = warm_python.run(script=REPO_ROOT / "scripts" / "train.py", arguments=arguments)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"train.py: error: --corpus-dir {tmp_path / 'no-corpus'}: no such directory; a corpus directory holds " \

@@ -229,6 +229,7 @@ def test_command_line_mistakes_exit_2_with_the_usage(capsys, argv, message):
     assert err.startswith("usage: switch-hf") and message in err.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_ends_the_command_quietly(checkpoint):
     """`switch-hf ... | head -c 1`: the reader goes away before the output is written."""
     read_end, write_end = os.pipe()
@@ -245,6 +246,7 @@ def test_a_closed_stdout_ends_the_command_quietly(checkpoint):
     assert (result.returncode, result.stderr) == (1, "")
 
 
+@pytest.mark.slow
 def test_a_stdout_closed_from_the_start_exits_2(checkpoint):
     """`switch-hf ... >&-`: Python gives no stdout at all, and print() would drop the answer silently."""
     result = subprocess.run(

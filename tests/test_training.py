@@ -118,6 +118,7 @@ def test_collator_rejects_bad_probabilities(minilm_path):
 # --- scripts/train.py ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_script_trains_saves_and_evaluates(warm_python, tiny_setup, tmp_path):
     result = train(warm_python, tiny_setup, tmp_path / "run", "--max-steps", "30", "--learning-rate", "3e-3")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,6 +158,7 @@ def test_train_script_trains_saves_and_evaluates(warm_python, tiny_setup, tmp_pa
     assert clash.returncode == 2 and "--init-from takes the model" in clash.stderr and "--upcycle" in clash.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_continues_with_the_same_losses(tiny_setup, tmp_path):
     total_steps = 40
     # The reference runs as the interrupted run does, in a process of its own with one thread: losses compared exactly.
@@ -208,6 +210,7 @@ def test_resume_without_state_names_the_path(warm_python, tiny_setup, tmp_path):
     assert f"no saved state at {tmp_path / 'nothing' / 'state'}" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_output_dir_is_refused_unless_resumed_or_overwritten(
     warm_python, tiny_setup, tmp_path
 ):
@@ -233,6 +236,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused_unless_resumed_or_over
     assert json.loads((output_dir / "args.json").read_text())["max_steps"] == 1
 
 
+@pytest.mark.slow
 def test_overwriting_refuses_to_delete_the_checkpoint_it_starts_from(warm_python, tiny_setup, tmp_path):
     output_dir = tmp_path / "run"
     first = train(warm_python, tiny_setup, output_dir, "--max-steps", "1")
@@ -299,6 +303,7 @@ def test_missing_corpus_says_what_to_put_there_and_exits_2(warm_python, tiny_set
     assert "python scripts/prepare_corpus.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_data_parallel_processes(tiny_setup, tmp_path):
     """Two CPU processes (gloo) of the same script, launched as `torchrun --nproc-per-node 2 scripts/train.py`."""
     with socket.socket() as probe:  # a free loopback port for the rendezvous

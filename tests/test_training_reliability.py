@@ -19,7 +19,7 @@ from switch_hf.cli import UsageError
 from switch_hf.data import check_corpus
 
 from conftest import REPO_ROOT
-from test_training import SENTENCES, run, tiny_setup, train_command  # noqa: F401  (tiny_setup is a fixture)
+from test_training import SENTENCES, tiny_setup, train_command  # noqa: F401  (tiny_setup is a fixture)
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import train  # noqa: E402
@@ -459,10 +459,11 @@ def test_evaluate_refuses_a_model_it_cannot_evaluate_with(tiny_checkpoint, tiny_
         evaluate_script.main(evaluate_argv(model, tiny_setup / "corpus", tmp_path / "eval", *extra))
 
 
-def test_evaluate_reports_a_bad_corpus_in_one_line_with_exit_2(tiny_checkpoint, tmp_path):
+def test_evaluate_reports_a_bad_corpus_in_one_line_with_exit_2(warm_python, tiny_checkpoint, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", "fine\n", "caf\xe9\n".encode("latin-1"))
-    result = run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"),
-                  *evaluate_argv(tiny_checkpoint, corpus, tmp_path / "eval")])
+    result = warm_python.run(
+        script=REPO_ROOT / "scripts" / "evaluate.py", arguments=evaluate_argv(tiny_checkpoint, corpus, tmp_path / "eval")
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"evaluate.py: error: {corpus / 'validation.txt'} line 1 is not UTF-8 (byte 0xe9)" in result.stderr

@@ -10,6 +10,9 @@
 # debian-reference-en   Debian Reference, English HTML          GPL-2+
 # jargon-text           The Jargon File 4.4.7                   public domain
 # gnu-standards         GNU Coding Standards / Maintainers      GFDL-1.3+
+# dict-gcide            GNU Collaborative International         GPL-2+
+#                       Dictionary of English (Webster's 1913)
+# dict-devil            The Devil's Dictionary (Ambrose Bierce) public domain
 set -euo pipefail
 
 SUDO=""
@@ -26,4 +29,6 @@ $SUDO apt-get install -y --no-install-recommends \
     fortunes-min \
     debian-reference-en \
     jargon-text \
-    gnu-standards
+    gnu-standards \
+    dict-gcide \
+    dict-devil

@@ -277,6 +277,108 @@ def read_jargon(root: Path) -> Iterator[str]:
         yield paragraph
 
 
+# dictd databases (dictfmt): NAME.index lists "headword<TAB>offset<TAB>length" with numbers in this base-64
+# alphabet, and NAME.dict.dz is a gzip file (dictzip) whose text those spans address.
+DICTD_BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# dictfmt's own entries: the database's URL, short name and licence notice, not dictionary text.
+DICTD_METADATA_HEADWORD = re.compile(r"^00-?database")
+
+
+def dictd_number(text: str) -> int:
+    value = 0
+    for char in text:
+        value = value * 64 + DICTD_BASE64.index(char)
+    return value
+
+
+def dictd_articles(index_path: Path, dict_path: Path) -> list[str]:
+    """The articles of a dictd database in file order, each once (several headwords may point at one article)."""
+    with gzip.open(dict_path, "rb") as f:
+        data = f.read()
+    spans = set()
+    for line in index_path.read_text(encoding="utf-8").splitlines():
+        headword, offset, length = line.split("\t")[:3]
+        if not DICTD_METADATA_HEADWORD.match(headword):
+            spans.add((dictd_number(offset), dictd_number(length)))
+    return [data[offset:offset + length].decode("utf-8", errors="replace") for offset, length in sorted(spans)]
+
+
+def indented_blocks(article: str) -> Iterator[tuple[int, str]]:
+    """(indentation of its first line, text joined onto one line) for each blank-line separated block."""
+    for block in re.split(r"\n[ \t]*\n", article.strip("\n")):
+        if block.strip():
+            yield len(block) - len(block.lstrip(" ")), " ".join(block.split())
+
+
+# "Dichotomy \Di*chot"o*my\, n." or "Spurt \Spurt\ (sp[^u]rt), v. t.": headword, spelling with stresses, respelled
+# pronunciation, part of speech.
+GCIDE_HEAD = re.compile(r"^(?P<word>[^\s\\][^\\]*?) \\[^\\]*\\\s*(?:\([^()]*\))?,?\s*(?:(?:[a-z]{1,5}\.|&)\s*)*")
+# Sense numbers, sub-sense letters and subject labels that open a definition: "2. (Astron.) To exhibit ...".
+GCIDE_SENSE_PREFIX = re.compile(r"^(?:\d{1,2}\.\s*|\([a-z]\)\s*|\((?:[A-Z][\w.&]*\s?)+\)\s*)+")
+# A derived form tacked onto a definition: "-- {Di*chot"o*mous*ly}, adv."
+GCIDE_DERIVED_FORM = re.compile(r"\s*--\s*\{[^}]*\},?(?:\s*[a-z]{1,5}\.)*")
+# The author and work a quotation is credited to: "--Bacon.", "--Sir T. Browne.", "--2 Kings xxiii. 10."
+GCIDE_CITATION = re.compile(r"\s*--\s?(?:\d\s)?(?:[A-Z][\w']*\.?\s?){1,3}(?:[ivxlc]+\.\s?)?(?:\d+\.?\s?)*")
+# Quotations are indented further than definitions (12 spaces against 3).
+GCIDE_QUOTATION_INDENT = 6
+
+
+def gcide_paragraphs(article: str) -> Iterator[str]:
+    """One GCIDE article -> its definitions, each as "headword: definition", and its quotations as they stand.
+
+    Blocks that come from WordNet only are left out: WordNet 3.0 is a source of its own."""
+    headword = None
+    for indent, text in indented_blocks(article):
+        from_wordnet_only = "[WordNet" in text and "Webster" not in text
+        # Brackets hold etymologies, usage labels ("[R.]") and the block's source ("[1913 Webster]"); innermost first.
+        while True:
+            stripped = re.sub(r"\[[^\[\]]*\]", "", text)
+            if stripped == text:
+                break
+            text = stripped
+        head = GCIDE_HEAD.match(text)
+        if head:
+            headword = head["word"]
+            text = text[head.end():]
+        text = GCIDE_DERIVED_FORM.sub(" ", text)
+        text = GCIDE_CITATION.sub(" ", text).replace("{", "").replace("}", "").strip()
+        if from_wordnet_only or not text:
+            continue
+        if headword and indent < GCIDE_QUOTATION_INDENT:
+            text = f"{headword}: {GCIDE_SENSE_PREFIX.sub('', text)}"
+        yield text
+
+
+def read_gcide(root: Path) -> Iterator[str]:
+    dictd_dir = root / "usr/share/dictd"
+    articles = dictd_articles(dictd_dir / "gcide.index", dictd_dir / "gcide.dict.dz")
+    for article in tqdm(articles, desc="gcide", unit="article"):
+        yield from gcide_paragraphs(article)
+
+
+# "ABDICATION, n.  An act whereby ..." or "ABSENT-MINDED, adj." opens an entry.
+DEVIL_HEAD = re.compile(r"^(?P<word>[A-Z][A-Z' -]*[A-Z]),\s*(?:[a-z]{1,5}\.\s*)*")
+# The initials that sign a quoted verse ("G.J.", "A.B.").
+DEVIL_SIGNATURE = re.compile(r"\s+(?:[A-Z]\.){1,3}$")
+
+
+def devil_paragraphs(article: str) -> Iterator[str]:
+    """One entry of The Devil's Dictionary -> "Headword: definition" and its verses, one stanza a paragraph."""
+    for indent, text in indented_blocks(article):
+        text = DEVIL_SIGNATURE.sub("", text.replace("_", ""))  # _underscores_ mark italics
+        head = DEVIL_HEAD.match(text)
+        if head:
+            text = f"{head['word'].capitalize()}: {text[head.end():]}"
+        yield text
+
+
+def read_devils_dictionary(root: Path) -> Iterator[str]:
+    dictd_dir = root / "usr/share/dictd"
+    articles = dictd_articles(dictd_dir / "devil.index", dictd_dir / "devil.dict.dz")
+    for article in tqdm(articles, desc="devil", unit="article"):
+        yield from devil_paragraphs(article)
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -301,6 +403,10 @@ SOURCES = [
     Source("gnu-standards", "gnu-standards", "GFDL-1.3+ (no invariant sections)",
            ("usr/share/doc/gnu-standards/standards.html",
             "usr/share/doc/gnu-standards/maintain.html"), read_gnu_standards, optional=True),
+    Source("gcide", "dict-gcide", "GPL-2+",
+           ("usr/share/dictd/gcide.index", "usr/share/dictd/gcide.dict.dz"), read_gcide, optional=True),
+    Source("devil", "dict-devil", "public domain",
+           ("usr/share/dictd/devil.index", "usr/share/dictd/devil.dict.dz"), read_devils_dictionary, optional=True),
 ]
 SOURCES_BY_NAME = {source.name: source for source in SOURCES}
 

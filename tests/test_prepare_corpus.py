@@ -193,3 +193,111 @@ def test_install_script_installs_every_source_package():
     script = (REPO_ROOT / "scripts" / "install_corpus_sources.sh").read_text()
     for source in prepare_corpus.SOURCES:
         assert re.search(rf"(^|\s){re.escape(source.package)}(\s|$)", script, re.MULTILINE), source.package
+
+
+def write_dictd(directory: Path, name: str, articles: dict[str, str]):
+    """A dictd database as dictfmt writes it: NAME.dict.dz (gzip) and NAME.index, whose offsets and lengths are in
+    dictd's base 64. Two headwords point at the first article, as dictfmt does for a word with variants."""
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = "00-database-info\n   This file was converted from the original database; a licence notice.\n\n"
+    text, index = metadata, [("00-database-info", 0, len(metadata))]
+    for headword, article in articles.items():
+        index.append((headword, len(text.encode("utf-8")), len(article.encode("utf-8"))))
+        text += article
+    index.insert(2, (index[1][0] + "s", index[1][1], index[1][2]))
+
+    def number(value):
+        digits = ""
+        while True:
+            digits = prepare_corpus.DICTD_BASE64[value % 64] + digits
+            value //= 64
+            if not value:
+                return digits
+
+    with gzip.open(directory / f"{name}.dict.dz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    (directory / f"{name}.index").write_text("".join(f"{word}\t{number(offset)}\t{number(length)}\n"
+                                                     for word, offset, length in index))
+
+
+GCIDE_ARTICLES = {
+    "dichotomize": (
+        'Dichotomize \\Di*chot"o*mize\\, v. t. [imp. & p. p.\n'
+        "   {Dichotomized}; p. pr. & vb. n. {Dichotomizing}.] [See\n"
+        "   {Dichotomous}.]\n"
+        "   1. To cut into two parts; to part into two divisions; to\n"
+        "      divide into pairs; to bisect. [R.]\n"
+        "      [1913 Webster]\n\n"
+        "            The apostolical benediction dichotomizes all good\n"
+        "            things into grace and peace.          --Bp. Hall.\n"
+        "      [1913 Webster]\n\n"
+        "   2. (Astron.) To exhibit as a half disk, as the moon does at\n"
+        "      its quarters. --Whewell.\n"
+        "      [1913 Webster]\n\n"
+    ),
+    "spurt": (
+        "Spurt \\Spurt\\ (sp[^u]rt), n. [Cf. Icel. sprettr a spurt.]\n"
+        "   A sudden and energetic effort, as in an emergency; an\n"
+        "   increased exertion for a brief space. -- {Spurt\"er}, n.\n"
+        "   [1913 Webster]\n\n"
+        "         And he made a sudden spurt toward the gate of the city.\n"
+        "                                                  --2 Kings xxiii. 10.\n"
+        "   [1913 Webster]\n\n"
+        "   2. a brief and sudden gush of a liquid from an opening in a pipe.\n"
+        "      [WordNet 1.5]\n\n"
+    ),
+}
+DEVIL_ARTICLES = {
+    "abdication": (
+        "ABDICATION, n.  An act whereby a sovereign attests his sense of the\n"
+        "high temperature of the throne.\n\n"
+        "    Poor Isabella's Dead, whose _abdication_\n"
+        "    Set all tongues wagging in the Spanish nation.\n"
+        "                                                                  G.J.\n\n"
+    ),
+    "absent-minded": "ABSENT-MINDED, adj.  Thinking of something else while the kettle boils over.\n\n",
+}
+
+
+@pytest.fixture
+def dictd_root(tmp_path):
+    root = tmp_path / "root"
+    write_dictd(root / "usr/share/dictd", "gcide", GCIDE_ARTICLES)
+    write_dictd(root / "usr/share/dictd", "devil", DEVIL_ARTICLES)
+    return root
+
+
+def test_dictd_articles_are_read_once_each_without_the_database_metadata(dictd_root):
+    dictd_dir = dictd_root / "usr/share/dictd"
+    articles = prepare_corpus.dictd_articles(dictd_dir / "gcide.index", dictd_dir / "gcide.dict.dz")
+    assert articles == list(GCIDE_ARTICLES.values())
+
+
+def test_gcide_gives_definitions_under_their_headword_and_quotations_as_they_stand(dictd_root):
+    train, validation, stats = build(dictd_root, sources=["gcide"])
+    assert sorted(train + validation) == sorted([
+        "Dichotomize: To cut into two parts; to part into two divisions; to divide into pairs; to bisect.",
+        "The apostolical benediction dichotomizes all good things into grace and peace.",
+        "Dichotomize: To exhibit as a half disk, as the moon does at its quarters.",
+        "Spurt: A sudden and energetic effort, as in an emergency; an increased exertion for a brief space.",
+        "And he made a sudden spurt toward the gate of the city.",
+        # the definition from WordNet 1.5 is left out: WordNet is a source of its own
+    ])
+    assert stats["gcide"]["package"] == "dict-gcide" and stats["gcide"]["licence"] == "GPL-2+"
+
+
+def test_devils_dictionary_gives_definitions_and_verses(dictd_root):
+    train, validation, stats = build(dictd_root, sources=["devil"])
+    assert sorted(train + validation) == sorted([
+        "Abdication: An act whereby a sovereign attests his sense of the high temperature of the throne.",
+        "Poor Isabella's Dead, whose abdication Set all tongues wagging in the Spanish nation.",
+        "Absent-minded: Thinking of something else while the kettle boils over.",
+    ])
+    assert stats["devil"]["licence"] == "public domain"
+
+
+def test_missing_dictionaries_are_skipped_with_a_warning(fake_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="prepare_corpus"):
+        _, _, stats = build(fake_root, sources=["fortunes", "gcide", "devil"])
+    assert set(stats) == {"fortunes"}
+    assert "dict-gcide" in caplog.text and "dict-devil" in caplog.text

@@ -168,3 +168,42 @@ def test_ngram_overlap_names_a_missing_file(tmp_path, capsys):
         ngram_overlap.parse_args(["--train", str(tmp_path / "train.txt"), "--eval", str(tmp_path / "nope.txt")])
     assert exit_info.value.code == 2
     assert f"--eval {tmp_path / 'nope.txt'}: no such file" in capsys.readouterr().err
+
+
+# --- scripts/make_general_english_eval.py -------------------------------------------------------------------------
+
+
+def test_general_english_verses_lose_their_markup_and_only_clean_unseen_sentences_are_kept(tmp_path):
+    import make_general_english_eval as make_eval
+
+    line = ('A Psalm by David.  Psalms 3:4: <w>I</w> cry <w>to</w> <w>Yahweh</w><w>with</w> <w>my</w> voice, '
+            '<w>and</w> <w>he</w> answers <w>me</w><note type="x">Or, answered.</note> out <w>of</w> <w>his</w> '
+            '\u201choly\u201d hill. <milestone type="line"/>')
+    match = make_eval.VERSE_LINE.search(line)
+    expected = 'I cry to Yahweh with my voice, and he answers me out of his "holy" hill.'
+    assert make_eval.verse_text(match["osis"]) == expected
+
+    train = tmp_path / "train.txt"
+    train.write_text("Fortune: and the cry of the city went up to heaven, as the proverb says.\n")
+    seen = "The men who didn't die were struck, and the cry of the city went up to heaven."
+    verses = [
+        "The king of Egypt removed him from office at Jerusalem.",
+        "The king of Egypt removed him from office at Jerusalem.",   # a duplicate
+        seen,                                                       # shares an 8-gram with the training text
+        "Selah.",                                                   # too short
+        "and he went on his way, and came to the city of the north",  # not a whole sentence
+        'He said, "Go back, my daughters.',                         # an unbalanced quote
+        "Peter and John were going up into the temple at the hour of prayer, the ninth hour.",
+    ]
+    kept = make_eval.select(verses, [train], examples=10, seed=0)
+    assert sorted(kept) == sorted([verses[0], verses[-1]])
+    assert make_eval.select(verses, [train], examples=1, seed=0)[0] in kept
+
+
+def test_the_general_english_set_is_600_distinct_plain_sentences():
+    import make_general_english_eval as make_eval
+
+    lines = (REPO_ROOT / "data" / "eval" / "general_english.txt").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len({line.casefold() for line in lines}) == 600
+    assert all(make_eval.is_plain_sentence(line) for line in lines)
+    assert not any(quote in line for line in lines for quote in "\u2018\u2019\u201c\u201d")

@@ -5,6 +5,10 @@
         --output results/dense_vs_switch.json --resume          # add a run, keep the finished ones
     python scripts/dense_vs_switch.py --experts 0 8 --capacity-factors 1.0 none --capacity-experts 8 \
         --steps 700 --eval-every 50 --output results/dense_vs_switch.json --resume
+    python scripts/dense_vs_switch.py --experts 32 --router expert_choice \
+        --steps 700 --eval-every 50 --output results/dense_vs_switch.json --resume
+    python scripts/dense_vs_switch.py --experts 32 --balance bias --bias-rate 1e-3 \
+        --steps 700 --eval-every 50 --output results/dense_vs_switch.json --resume
 
 `--experts 0` is the dense twin. Every run trains the same encoder from scratch: BERT embeddings (the vocabulary of
 the bundled all-MiniLM-L6-v2 tokenizer, random weights) and `--layers` Switch layers. The dense twin's layers are all
@@ -14,12 +18,20 @@ runs through one expert, so every model does the same computation per token (equ
 parameter count grows with the number of experts. Every other FFN rather than all of them because it is the paper's
 layout, and because on a CPU each router adds dispatch overhead that the time comparison must pay.
 
+Routing variants of a Switch model: `--router expert_choice` has every expert take its top-capacity tokens (Zhou et
+al., 2022; a token then runs through capacity_factor experts on average, 1.25 by default, so it does more expert
+compute per token than top-1 token choice), evaluated at its training capacity factor since that factor sets how many
+experts a token gets; it has no load-balancing loss. `--balance bias` keeps top-1 token choice but balances the load
+with a per-expert routing bias moved by `--bias-rate` after every step (Wang et al., 2024), with the load-balancing
+loss off (its coefficient 0; the z-loss stays).
+
 All runs share the seed, the data order (packed `--seq-len` blocks of the training split, shuffled once), the
 corruption of each step's batch (15% of tokens selected, 80/10/10 [MASK]/random/kept, seeded by the step), the
 optimizer (AdamW), the schedule (linear warmup, cosine decay to a tenth of the peak) and the batch. Every
 `--eval-every` steps each model is scored on the same fixed validation sample, corrupted once with a fixed seed:
-the masked-LM cross-entropy on the selected tokens, without the router losses, with dropless routing. The
-validation split is never trained on.
+the masked-LM cross-entropy on the selected tokens, without the router losses, with dropless routing (token choice).
+The validation split is never trained on. Training logs, per eval window, the dropped fraction (token choice: routing
+choices over capacity; expert choice: tokens no expert took) and each router's max/mean expert load.
 
 Speed-up (as in the paper's figure 4): the steps (or training seconds) the dense twin takes to reach its final
 validation loss, over the steps (seconds) the Switch model takes to reach that same loss, both read off the eval
@@ -97,6 +109,11 @@ def parse_args(argv=None):
     parser.add_argument("--capacity-factors", type=parse_capacity, nargs="*", default=[],
                         help="extra runs at --capacity-experts with these training capacity factors ('none': dropless)")
     parser.add_argument("--capacity-experts", type=int, default=8)
+    parser.add_argument("--router", choices=("token_choice", "expert_choice"), default="token_choice",
+                        help="who chooses: tokens their top-1 expert, or experts their top-capacity tokens")
+    parser.add_argument("--balance", choices=("aux", "bias"), default="aux",
+                        help="token choice's load balancing: the aux loss, or a routing bias with the aux loss off")
+    parser.add_argument("--bias-rate", type=float, default=1e-3, help="the routing bias's step with --balance bias")
     parser.add_argument("--aux-coef", type=float, default=0.01)
     parser.add_argument("--z-coef", type=float, default=0.001)
     parser.add_argument("--router-init-scale", type=float, default=0.1,
@@ -113,6 +130,11 @@ def parse_args(argv=None):
         args.warmup_steps = max(1, args.steps // 20)
     if any(experts < 0 for experts in args.experts) or args.capacity_experts < 1:
         parser.error("--experts must be >= 0 (0 is the dense twin) and --capacity-experts >= 1")
+    dropless = None in [args.capacity_factor, *args.capacity_factors]
+    if args.router == "expert_choice" and (args.balance != "aux" or dropless):
+        parser.error("--router expert_choice needs a capacity factor (not 'none') and no --balance: its load is even")
+    if args.bias_rate <= 0:
+        parser.error(f"--bias-rate must be > 0, got {args.bias_rate}")
     return args
 
 
@@ -147,6 +169,7 @@ def corrupt(collator: ReconstructionCollator, blocks: torch.Tensor, seed: int) -
 # model
 
 def build_model(args, tokenizer, experts: int, capacity_factor: float | None) -> SwitchForTokenReconstruction:
+    """The dense twin (`experts == 0`) or a Switch model routed as `--router` and `--balance` say."""
     backbone = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
@@ -167,9 +190,13 @@ def build_model(args, tokenizer, experts: int, capacity_factor: float | None) ->
         expert_kinds="d" * args.layers if experts == 0 else args.switch_kinds,
         num_experts=max(experts, 1),
         expert_intermediate_size=args.ffn_size,
+        router_type=args.router,
         capacity_factor_train=capacity_factor,
-        capacity_factor_eval=None,  # dropless evaluation: a dropped token must not flatter or hurt the score
-        router_aux_loss_coef=args.aux_coef,
+        # Token choice evaluates dropless: a dropped token must not flatter or hurt the score. Expert choice's factor
+        # is how many experts a token gets: evaluated as trained.
+        capacity_factor_eval=capacity_factor if args.router == "expert_choice" else None,
+        router_bias_update_rate=args.bias_rate if args.balance == "bias" else 0.0,
+        router_aux_loss_coef=0.0 if args.balance == "bias" else args.aux_coef,
         router_z_loss_coef=args.z_coef,
     )
     torch.manual_seed(args.seed)
@@ -185,6 +212,16 @@ def build_model(args, tokenizer, experts: int, capacity_factor: float | None) ->
 # -----------------------------------------------------------------------------
 # curves and speed-ups
 
+def routing_fields(args, experts: int) -> dict:
+    """The run's router and load balancing; the dense twin has neither."""
+    if experts == 0:
+        return {}
+    fields = {"router": args.router, "balance": args.balance}
+    if args.balance == "bias":
+        fields.update(bias_rate=args.bias_rate, aux_coef=0.0)
+    return fields
+
+
 def steps_to_reach(xs: list[float], losses: list[float], target: float) -> float | None:
     """The first x at which the curve reaches `target`, linearly interpolated between eval points; None if never."""
     for index, loss in enumerate(losses):
@@ -196,11 +233,22 @@ def steps_to_reach(xs: list[float], losses: list[float], target: float) -> float
     return None
 
 
+def run_key(run: dict) -> tuple:
+    """What tells runs apart: experts, capacity factor, router and balancing (runs written before the routing
+    variants are token choice balanced by the aux loss)."""
+    return (run["experts"], run["capacity_factor"], run.get("router", "token_choice"), run.get("balance", "aux"))
+
+
 def run_name(run: dict) -> str:
     if run["experts"] == 0:
         return "dense"
     capacity = run["capacity_factor"]
-    return f"{run['experts']}" if capacity == 1.25 else f"{run['experts']}@cf={capacity}"
+    name = f"{run['experts']}" if capacity == 1.25 else f"{run['experts']}@cf={capacity}"
+    if run.get("router", "token_choice") == "expert_choice":
+        name += " expert-choice"
+    if run.get("balance", "aux") == "bias":
+        name += f" bias@{run['bias_rate']:g}"
+    return name
 
 
 def speedups(runs: list[dict]) -> tuple[dict, dict]:
@@ -229,7 +277,8 @@ def plot(results: dict, path: Path):
 
     figure, (by_steps, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in results["runs"]:
-        label = "dense" if run["experts"] == 0 else f"Switch, {run_name(run)} experts"
+        experts = str(run["experts"])
+        label = "dense" if run["experts"] == 0 else f"Switch, {experts} experts{run_name(run)[len(experts):]}"
         by_steps.plot(run["eval_steps"], run["eval_loss"], label=label)
         by_time.plot([seconds / 60 for seconds in run["eval_train_seconds"]], run["eval_loss"], label=label)
     dense = next((run for run in results["runs"] if run["experts"] == 0), None)
@@ -283,6 +332,7 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
     run = {
         "experts": experts,
         "capacity_factor": capacity_factor if experts else None,
+        **routing_fields(args, experts),
         "expert_kinds": model.config.expert_kinds,
         "total_params": counts["total"],
         "active_params_per_token": counts["active"],
@@ -291,6 +341,7 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         "eval_train_seconds": [],
         "dropped_fraction": [],
         "max_over_mean_load": [],
+        "max_over_mean_load_per_router": [],
         "train_loss": [],
     }
     step, train_seconds = 0, 0.0
@@ -306,12 +357,12 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         run["eval_steps"].append(0)
         run["eval_loss"].append(evaluate(model, eval_batches))
         run["eval_train_seconds"].append(0.0)
-        for field in ("dropped_fraction", "max_over_mean_load", "train_loss"):
+        for field in ("dropped_fraction", "max_over_mean_load", "max_over_mean_load_per_router", "train_loss"):
             run[field].append(None)
 
     # Every run walks the same permutation of the training blocks, epoch after epoch if it runs out.
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(args.seed))
-    window = {"loss": [], "dropped": [], "load": []}
+    window = {"loss": [], "dropped": [], "load": [], "router_load": []}
     progress = tqdm(total=args.steps, initial=step, desc=f"{run_name(run)} experts" if experts else "dense", unit="step")
     while step < args.steps:
         start = step * args.batch_size
@@ -322,6 +373,7 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        model.update_router_biases()  # a no-op unless --balance bias
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - began
@@ -330,7 +382,9 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         if output.tokens_per_expert.numel():
             load = output.tokens_per_expert  # (routers, e)
             window["dropped"].append(output.dropped_fraction.mean().item())
-            window["load"].append((load.max(dim=1).values / load.mean(dim=1)).mean().item())
+            router_load = load.max(dim=1).values / load.mean(dim=1)  # (routers,)
+            window["load"].append(router_load.mean().item())
+            window["router_load"].append(router_load.tolist())
         progress.update(1)
         if step % args.eval_every == 0 or step == args.steps:
             run["eval_steps"].append(step)
@@ -340,6 +394,11 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
                 values = window[key]
                 run[field].append(round(sum(values) / len(values), 5) if values else None)
                 values.clear()
+            router_loads = window["router_load"]
+            run["max_over_mean_load_per_router"].append(
+                [round(sum(column) / len(column), 5) for column in zip(*router_loads)] if router_loads else None
+            )
+            router_loads.clear()
             progress.set_postfix(eval_loss=f"{run['eval_loss'][-1]:.3f}")
             if step < args.steps:
                 state = {
@@ -397,14 +456,16 @@ def main(argv=None):
     specs += [(args.capacity_experts, capacity) for capacity in args.capacity_factors
               if (args.capacity_experts, capacity) not in specs]
     for experts, capacity_factor in specs:
-        key = {"experts": experts, "capacity_factor": capacity_factor if experts else None}
-        if any(run["experts"] == key["experts"] and run["capacity_factor"] == key["capacity_factor"] for run in results["runs"]):
+        key = {"experts": experts, "capacity_factor": capacity_factor if experts else None,
+               **routing_fields(args, experts)}
+        if any(run_key(run) == run_key(key) for run in results["runs"]):
             logger.info("%s: already in %s, skipped", run_name(key), args.output)
             continue
-        partial_path = partial_dir / f"{run_name(key).replace('@cf=', '_cf')}.pt"
+        file_name = run_name(key).replace("@cf=", "_cf").replace(" ", "_").replace("@", "_")
+        partial_path = partial_dir / f"{file_name}.pt"
         run = train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, capacity_factor, partial_path)
         results["runs"].append(run)
-        results["runs"].sort(key=lambda run: (run["experts"], run["capacity_factor"] != 1.25, str(run["capacity_factor"])))
+        results["runs"].sort(key=lambda run: (run["experts"], run["capacity_factor"] != 1.25, str(run_key(run)[1:])))
         results["speedup_steps"], results["speedup_time"] = speedups(results["runs"])
         args.output.write_text(json.dumps(results, indent=1) + "\n")
         plot(results, args.output.with_suffix(".png"))

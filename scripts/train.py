@@ -490,6 +490,7 @@ def main(argv=None):
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
+        accelerator.unwrap_model(model).update_router_biases()  # a no-op unless config.router_bias_update_rate > 0
         scheduler.step()
         optimizer.zero_grad()
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from . import expert_kernel
+from .callbacks import RouterBiasUpdateCallback
 from .configuration_switch import SwitchConfig
 from .modeling_switch import SwitchForTokenReconstruction, SwitchModel, SwitchPreTrainedModel
 from .pipeline_switch import TOKEN_RECONSTRUCTION_TASK, TokenReconstructionPipeline
@@ -56,6 +57,7 @@ PIPELINE_REGISTRY.register_pipeline(
 __all__ = [
     "DEFAULT_BACKBONE",
     "RELEASED_CHECKPOINT",
+    "RouterBiasUpdateCallback",
     "SwitchConfig",
     "SwitchForTokenReconstruction",
     "SwitchModel",

@@ -16,6 +16,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 
 ROUTER_DTYPES = ("float32", "bfloat16", "float16")
+# Who chooses: every token its top-k experts (Switch, GShard), or every expert its top-capacity tokens (Zhou et al.,
+# 2022, "Mixture-of-Experts with Expert Choice Routing").
+ROUTER_TYPES = ("token_choice", "expert_choice")
 # What each Switch layer routes: its feed-forward sublayer (the Switch paper), its attention (mixture of attention
 # heads), both, or nothing (a dense layer: the twin that a sparse layer is measured against). A pattern spells one
 # letter per layer.
@@ -63,19 +66,38 @@ class SwitchConfig(PreTrainedConfig):
             Activation inside the experts (a key of `transformers.activations.ACT2FN`).
         expert_dropout (`float`, defaults to 0.0):
             Dropout on the experts' inner activations (the Switch paper's "expert dropout", used when fine-tuning).
+        router_type (`str`, defaults to `"token_choice"`):
+            `"token_choice"`: every token picks its top-k experts, and an expert over capacity drops the extra tokens
+            (the Switch Transformer). `"expert_choice"`: every expert picks the `capacity` tokens that score it
+            highest (softmax over experts per token, then top-`capacity` over the tokens of the batch; Zhou et al.,
+            2022), so no expert overflows and a token gets zero, one or several experts, its output being their
+            gate-weighted sum. Expert choice sees every token of the batch at once: it suits an encoder, not
+            left-to-right decoding.
         top_k (`int`, defaults to 1):
-            Experts per token. 1 is the Switch Transformer; larger values give GShard/ST-MoE style top-k routing.
+            Experts per token. 1 is the Switch Transformer; larger values give GShard/ST-MoE style top-k routing. With
+            expert choice, the average number of experts per token (it scales the capacity).
         capacity_factor_train (`float` or `None`, defaults to 1.25):
             Expert capacity while training, as a multiple of the even share `top_k * tokens / num_experts`.
-            Tokens over capacity are dropped and pass through the residual unchanged. `None` drops no token.
+            Tokens over capacity are dropped and pass through the residual unchanged. `None` drops no token. With
+            expert choice, each expert takes exactly `ceil(capacity_factor * top_k * tokens / num_experts)` tokens
+            (at most all of them), so a token gets `capacity_factor * top_k` experts on average; `None` is refused
+            there (an expert taking every token is a dense layer of all the experts).
         capacity_factor_eval (`float` or `None`, defaults to 2.0):
-            The same in eval mode. `None` drops no token (dropless routing).
+            The same in eval mode. `None` drops no token (dropless routing). With expert choice, the factor sets how
+            many experts a token gets, so evaluate at the training factor to compute what the model was trained to.
         router_jitter_noise (`float`, defaults to 0.01):
             Multiplicative noise, uniform in `[1 - eps, 1 + eps]`, on the router's input while training only.
         router_dtype (`str`, defaults to `"float32"`):
             Dtype of the router computation, whatever the model's dtype.
+        router_bias_update_rate (`float`, defaults to 0.0):
+            Auxiliary-loss-free load balancing (Wang et al., 2024; DeepSeek-V3), with token choice: each router keeps
+            a per-expert bias, added to the routing scores for the choice of experts only (never to the gate value),
+            and [`SwitchPreTrainedModel.update_router_biases`], called after each optimizer step, moves it by this
+            rate times `sign(mean load - expert load)` over the tokens routed since its last call. 0.0 turns it off;
+            `router_aux_loss_coef` can then be 0.
         router_aux_loss_coef (`float`, defaults to 0.01):
-            Weight of the load-balancing loss in the training loss.
+            Weight of the load-balancing loss in the training loss. No effect with expert choice, whose load is
+            balanced by construction: its load-balancing loss is 0 (the z-loss still applies).
         router_z_loss_coef (`float`, defaults to 0.001):
             Weight of the router z-loss in the training loss.
         output_router_logits (`bool`, defaults to `False`):
@@ -123,6 +145,7 @@ class SwitchConfig(PreTrainedConfig):
     expert_dropout: float = 0.0
 
     # --- router ---
+    router_type: str = "token_choice"
     top_k: int = 1
     # Fedus et al. (2021) train at 1.0-1.25 and evaluate at 2.0: evaluation must not drop tokens to look good.
     capacity_factor_train: float | None = 1.25
@@ -131,6 +154,8 @@ class SwitchConfig(PreTrainedConfig):
     router_jitter_noise: float = 0.01
     # Fedus et al. (2021), "selective precision": the router's softmax is unstable in bfloat16.
     router_dtype: str = "float32"
+    # Off: the Switch paper balances with the auxiliary loss. Wang et al. (2024) use 1e-3 with sigmoid scores.
+    router_bias_update_rate: float = 0.0
 
     # --- losses ---
     # Fedus et al. (2021) use alpha = 1e-2; Zoph et al. (2022, ST-MoE) use a z-loss weight of 1e-3.
@@ -323,7 +348,7 @@ class SwitchConfig(PreTrainedConfig):
                 fail(field, value, "a finite number > 0, or None for dropless routing")
         for field in ("hidden_dropout_prob", "attention_dropout", "expert_dropout", "router_jitter_noise"):
             check_probability(field)
-        for field in ("router_aux_loss_coef", "router_z_loss_coef", "initializer_range"):
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate", "initializer_range"):
             check_non_negative(field)
         if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
             fail("layer_norm_eps", self.layer_norm_eps, "a finite number > 0")
@@ -331,6 +356,16 @@ class SwitchConfig(PreTrainedConfig):
             fail("expert_hidden_act", self.expert_hidden_act, f"one of {sorted(ACT2FN)}")
         if self.router_dtype not in ROUTER_DTYPES:
             fail("router_dtype", self.router_dtype, f"one of {list(ROUTER_DTYPES)}")
+        if self.router_type not in ROUTER_TYPES:
+            fail("router_type", self.router_type, f"one of {list(ROUTER_TYPES)}")
+        if self.router_type == "expert_choice":
+            for field in ("capacity_factor_train", "capacity_factor_eval"):
+                if getattr(self, field) is None:
+                    fail(field, None, "a number > 0 with router_type 'expert_choice' (each expert takes that many "
+                         "times its even share of tokens; None would have every expert take every token)")
+            if self.router_bias_update_rate > 0:
+                fail("router_bias_update_rate", self.router_bias_update_rate,
+                     "0.0 with router_type 'expert_choice' (its experts take equal loads by construction)")
         for field in ("freeze_backbone", "tie_word_embeddings", "output_router_logits"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")

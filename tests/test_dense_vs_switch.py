@@ -93,3 +93,22 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_it_never_stopped(t
     resumed, expected = json.loads(output.read_text())["runs"][0], json.loads(reference.read_text())["runs"][0]
     assert resumed["eval_loss"] == expected["eval_loss"]
     assert resumed["dropped_fraction"] == expected["dropped_fraction"]
+
+
+def test_routing_variants_are_runs_of_their_own_beside_the_switch_run(tmp_path, tiny_corpus):
+    output = tmp_path / "study.json"
+    base = ["--output", str(output), "--corpus-dir", str(tiny_corpus), *TINY]
+    dense_vs_switch.main(["--experts", "4", *base])
+    dense_vs_switch.main(["--experts", "4", "--router", "expert_choice", "--resume", *base])
+    dense_vs_switch.main(["--experts", "4", "--balance", "bias", "--bias-rate", "0.01", "--resume", *base])
+    runs = json.loads(output.read_text())["runs"]
+    by_name = {dense_vs_switch.run_name(run): run for run in runs}
+    assert set(by_name) == {"4", "4 expert-choice", "4 bias@0.01"}
+    assert by_name["4 bias@0.01"]["aux_coef"] == 0.0
+    for run in runs:
+        assert len(run["max_over_mean_load_per_router"][-1]) == 1  # one sparse layer of two ("df")
+    assert by_name["4 expert-choice"]["max_over_mean_load"][-1] == 1.0  # experts take equal loads
+    dense_vs_switch.main(["--experts", "4", "--router", "expert_choice", "--resume", *base])  # finished: kept
+    assert json.loads(output.read_text())["runs"] == runs
+    with pytest.raises(SystemExit):
+        dense_vs_switch.main(["--experts", "4", "--router", "expert_choice", "--capacity-factor", "none", *base])

@@ -7,16 +7,19 @@ block: a float32 router sends every token to its top-k experts (top-1 by default
 `capacity` tokens, and tokens over capacity are dropped, passing through the residual unchanged (Fedus et al.,
 2021, "Switch Transformers"; Zoph et al., 2022, "ST-MoE" for top-k priority and the router z-loss). A layer can
 route its attention instead, or as well (`config.expert_kinds`): attention experts own the query and output
-projections while keys and values are shared (Zhang et al., 2022, "Mixture of Attention Heads").
+projections while keys and values are shared (Zhang et al., 2022, "Mixture of Attention Heads"). Beyond the Switch
+paper, `config.router_type="expert_choice"` has every expert pick its tokens instead (Zhou et al., 2022), and
+`config.router_bias_update_rate` balances token choice with a routing bias instead of a loss (Wang et al., 2024).
 
 Index letters in shape comments: b batch, s sequence, h hidden, t tokens (b * s), e experts, k top-k choices,
-p routed (token, expert) pairs, v vocabulary.
+c expert capacity, p routed (token, expert) pairs, v vocabulary.
 
 This file and `configuration_switch.py` import only torch and transformers, so that `save_pretrained` can ship
 them with a checkpoint for `trust_remote_code=True`.
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,7 +60,8 @@ def _autocast_disabled(device_type: str):
 class LayerRouting(NamedTuple):
     """What one Switch layer's router decided, for the losses, the outputs and logging.
 
-    router_logits: (t, e) in the router dtype. expert_index: (t, k), -1 where the token was dropped or is padding.
+    router_logits: (t, e) in the router dtype. expert_index: (t, k) with token choice, -1 where the token was dropped
+    or is padding; (t, e) with expert choice, each token's experts in increasing order, then -1.
     load_balancing_loss, z_loss, dropped_fraction: scalars. tokens_per_expert: (e,) tokens each expert processed.
     """
 
@@ -76,17 +80,30 @@ class LayerRouting(NamedTuple):
 
 
 class RoutedPairs(NamedTuple):
-    """The (token, choice) pairs a router kept, in token order: `token`, `choice`, `expert` (p,) long, `gate` (p,)."""
+    """The (token, choice) pairs a router kept: `token`, `choice`, `expert` (p,) long, `gate` (p,).
+
+    `choice` numbers a token's pairs from 0, below `choices_per_token` (top_k with token choice; with expert choice the
+    most experts one token got, or num_experts in compiled code), so `(token, choice)` indexes a (t, choices_per_token)
+    layout. Token choice lists the pairs in token order, expert choice in expert order.
+    """
 
     token: torch.Tensor
     choice: torch.Tensor
     expert: torch.Tensor
     gate: torch.Tensor
+    choices_per_token: int
 
 
 class SwitchRouter(nn.Module):
-    """The Switch router: a linear layer without bias scores the experts, every token takes its top-k, and each
-    expert accepts at most `capacity` of them; tokens over capacity are dropped (Fedus et al., 2021).
+    """The Switch router: a linear layer without bias scores the experts, then either every token takes its top-k and
+    each expert accepts at most `capacity` of them, tokens over capacity being dropped (token choice; Fedus et al.,
+    2021), or every expert takes its top-`capacity` tokens (expert choice; Zhou et al., 2022).
+
+    With `router_bias_update_rate > 0` (token choice), a per-expert bias (`expert_bias`, saved with the model) is added
+    to the routing probabilities to choose the experts, not to the gates (Wang et al., 2024). The load that moves it is
+    counted during the backward pass of each training forward, so a forward recomputed by gradient checkpointing (no
+    backward of its own) is not counted twice and micro-batches of gradient accumulation add up;
+    `update_bias`, called after each optimizer step, moves the bias and starts a new count.
 
     Shared by feed-forward and attention experts, so both route, drop and balance the same way.
     """
@@ -95,13 +112,20 @@ class SwitchRouter(nn.Module):
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.top_k
+        self.router_type = config.router_type
         self.capacity_factor_train = config.capacity_factor_train
         self.capacity_factor_eval = config.capacity_factor_eval
         self.jitter_noise = config.router_jitter_noise
+        self.bias_update_rate = config.router_bias_update_rate
         self.dtype = getattr(torch, config.router_dtype)
         # float32 whatever the default dtype: `_keep_in_fp32_modules_strict` keeps the router float32 when a checkpoint
         # loads in bfloat16 or float16, and a model built from its config under a lower default dtype must agree.
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
+        if self.bias_update_rate > 0:
+            # Only where balancing by bias is on: checkpoints without it (the released one) keep loading strictly.
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+            # Routing choices per expert counted since the last `update_bias`; not saved (a count, not a weight).
+            self.register_buffer("pending_load", torch.zeros(config.num_experts, dtype=torch.float32), persistent=False)
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor
@@ -121,33 +145,10 @@ class SwitchRouter(nn.Module):
         # short last dimension (a few experts) is several times slower than this.
         log_normalizer = router_logits.logsumexp(dim=-1, keepdim=True)  # (t, 1)
         router_probs = (router_logits - log_normalizer).exp()  # (t, e)
-        if self.top_k == 1:
-            gate, expert_choice = router_probs.max(dim=-1, keepdim=True)  # the same as topk(1), several times faster
-        else:
-            gate, expert_choice = router_probs.topk(self.top_k, dim=-1)  # (t, k), (t, k)
-
         capacity_factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
-        kept = self._within_capacity(expert_choice, token_mask, capacity_factor)  # (t, k) bool
-        if torch.compiler.is_compiling():
-            # A compiled graph needs shapes that do not depend on the data: every (token, choice) pair travels, a
-            # dropped or padding pair with gate 0, hence a zero output, instead of being left out by `nonzero`.
-            num_tokens, top_k = expert_choice.shape
-            pairs = RoutedPairs(
-                token=torch.arange(num_tokens, device=tokens.device).repeat_interleave(top_k),
-                choice=torch.arange(top_k, device=tokens.device).repeat(num_tokens),
-                expert=expert_choice.reshape(-1),
-                gate=(gate * kept).reshape(-1).to(tokens.dtype),
-            )
-        else:
-            token, choice = kept.nonzero(as_tuple=True)  # (p,), (p,)
-            pairs = RoutedPairs(
-                token=token,
-                choice=choice,
-                expert=expert_choice[token, choice],
-                gate=gate[token, choice].to(tokens.dtype),
-            )
-        summary = self._routing_summary(router_logits, log_normalizer, router_probs, expert_choice, kept, token_mask)
-        return router_logits.view(*hidden_states.shape[:-1], -1), pairs, summary
+        choose = self._experts_choose if self.router_type == "expert_choice" else self._tokens_choose
+        pairs, routing = choose(router_logits, log_normalizer, router_probs, token_mask, capacity_factor, tokens.dtype)
+        return router_logits.view(*hidden_states.shape[:-1], -1), pairs, routing
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (t, h) -> router logits (t, e) in the router dtype."""
@@ -161,6 +162,116 @@ class SwitchRouter(nn.Module):
                 noise = torch.empty_like(tokens).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
                 tokens = tokens * noise
             return F.linear(tokens, self.weight.to(self.dtype))  # (t, e)
+
+    @torch.no_grad()
+    def update_bias(self):
+        """Moves `expert_bias` by `bias_update_rate * sign(mean load - load)` over the routing choices counted since
+        the last call (an under-loaded expert gains, an over-loaded one loses), then starts a new count."""
+        load = self.pending_load
+        self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        load.zero_()
+
+    def _tokens_choose(
+        self, router_logits, log_normalizer, router_probs, token_mask, capacity_factor: float | None, dtype: torch.dtype
+    ) -> tuple[RoutedPairs, LayerRouting]:
+        """Token choice: each real token's top-k experts, within capacity. Shapes as in `forward`."""
+        scores = router_probs
+        if self.bias_update_rate > 0:
+            scores = router_probs + self.expert_bias  # (t, e) for the choice only: the gates stay the probabilities
+        if self.top_k == 1:
+            gate, expert_choice = scores.max(dim=-1, keepdim=True)  # the same as topk(1), several times faster
+        else:
+            gate, expert_choice = scores.topk(self.top_k, dim=-1)  # (t, k), (t, k)
+        if self.bias_update_rate > 0:
+            gate = router_probs.gather(-1, expert_choice)  # (t, k)
+            if self.training and router_logits.requires_grad:
+                self._count_load_in_backward(router_logits, self._choices_per_expert(expert_choice, token_mask))
+
+        kept = self._within_capacity(expert_choice, token_mask, capacity_factor)  # (t, k) bool
+        num_tokens, top_k = expert_choice.shape
+        if torch.compiler.is_compiling():
+            # A compiled graph needs shapes that do not depend on the data: every (token, choice) pair travels, a
+            # dropped or padding pair with gate 0, hence a zero output, instead of being left out by `nonzero`.
+            pairs = RoutedPairs(
+                token=torch.arange(num_tokens, device=kept.device).repeat_interleave(top_k),
+                choice=torch.arange(top_k, device=kept.device).repeat(num_tokens),
+                expert=expert_choice.reshape(-1),
+                gate=(gate * kept).reshape(-1).to(dtype),
+                choices_per_token=top_k,
+            )
+        else:
+            token, choice = kept.nonzero(as_tuple=True)  # (p,), (p,)
+            pairs = RoutedPairs(
+                token=token,
+                choice=choice,
+                expert=expert_choice[token, choice],
+                gate=gate[token, choice].to(dtype),
+                choices_per_token=top_k,
+            )
+        summary = self._routing_summary(router_logits, log_normalizer, router_probs, expert_choice, kept, token_mask)
+        return pairs, summary
+
+    def _choices_per_expert(self, expert_choice: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """How many of the real tokens' choices (t, k) picked each expert, capacity aside: (e,) float."""
+        weight = token_mask.float().repeat_interleave(expert_choice.shape[-1])  # (t * k,)
+        return torch.zeros(self.num_experts, device=weight.device).index_add_(0, expert_choice.reshape(-1), weight)
+
+    def _count_load_in_backward(self, router_logits: torch.Tensor, choices: torch.Tensor):
+        """Adds `choices` (e,) to `pending_load` when the backward pass reaches `router_logits`: once per forward that
+        is trained on. A forward that gradient checkpointing recomputes either has no graph of its own until then
+        (reentrant: the first pass ran without gradients) or is never differentiated (non-reentrant)."""
+        pending_load = self.pending_load
+
+        def count(grad: torch.Tensor) -> None:
+            pending_load.add_(choices)
+
+        router_logits.register_hook(count)
+
+    def _experts_choose(
+        self, router_logits, log_normalizer, router_probs, token_mask, capacity_factor: float, dtype: torch.dtype
+    ) -> tuple[RoutedPairs, LayerRouting]:
+        """Expert choice (Zhou et al., 2022): each expert takes the `capacity` real tokens with the highest probability
+        for it, capacity = ceil(capacity_factor * top_k * real_tokens / e), at most all of them. Shapes as in
+        `forward`; c below is the capacity the token count allows, t with padding included."""
+        num_tokens = router_probs.shape[0]
+        # A capacity from the shape, so that compiled code sees a fixed size; the real tokens' capacity masks it.
+        max_capacity = min(num_tokens, math.ceil(capacity_factor * self.top_k * num_tokens / self.num_experts))
+        # Padding scores -inf: an expert reaches it only past its real tokens, and never keeps it.
+        scores = router_probs.masked_fill(~token_mask.unsqueeze(-1), float("-inf"))  # (t, e)
+        gate, token = scores.topk(max_capacity, dim=0)  # (c, e), (c, e): each expert's tokens, best first
+        num_real = token_mask.sum()
+        capacity = torch.ceil(capacity_factor * self.top_k * num_real / self.num_experts).clamp(max=num_real)
+        rank = torch.arange(max_capacity, device=token.device).unsqueeze(-1)  # (c, 1)
+        kept = (rank < capacity) & token_mask[token]  # (c, e)
+        chosen = torch.zeros_like(router_probs, dtype=torch.bool).scatter_(0, token, kept)  # (t, e) expert took token
+
+        # A token's experts in increasing order: where it was not chosen, e sorts last and becomes -1.
+        expert_ids = torch.arange(self.num_experts, device=token.device)
+        expert_index = torch.where(chosen, expert_ids, self.num_experts).sort(dim=-1).values  # (t, e)
+        expert_index = expert_index.masked_fill(expert_index == self.num_experts, -1)
+        expert = expert_ids.expand_as(token)  # (c, e)
+        if torch.compiler.is_compiling():
+            # Fixed shapes: every slot travels, one past capacity or on padding with gate 0 (a zero output; padding's
+            # score is -inf, hence `where`, not a product). A token's choice is its expert: distinct, below e.
+            token, expert = token.reshape(-1), expert.reshape(-1)
+            gate = torch.where(kept, gate, 0.0).reshape(-1)
+            pairs = RoutedPairs(token, expert, expert, gate.to(dtype), choices_per_token=self.num_experts)
+        else:
+            token, expert, gate = token[kept], expert[kept], gate[kept]  # (p,)
+            # Each pair's place among its token's experts: the (token, choice) slot attention experts query from.
+            choice = (chosen.cumsum(dim=-1) - 1)[token, expert]  # (p,)
+            choices_per_token = max(int(chosen.sum(dim=-1).max()), 1)
+            pairs = RoutedPairs(token, choice, expert, gate.to(dtype), choices_per_token=choices_per_token)
+        unserved = (~chosen.any(dim=-1) & token_mask).sum()
+        return pairs, LayerRouting(
+            router_logits=router_logits,
+            expert_index=expert_index,
+            # Nothing to balance: every expert takes the same number of tokens.
+            load_balancing_loss=router_probs.new_zeros(()),
+            z_loss=self._z_loss(log_normalizer, token_mask),
+            tokens_per_expert=kept.sum(dim=0).float(),
+            dropped_fraction=unserved / token_mask.sum().clamp(min=1),
+        )
 
     def _within_capacity(
         self, expert_choice: torch.Tensor, token_mask: torch.Tensor, capacity_factor: float | None
@@ -194,7 +305,7 @@ class SwitchRouter(nn.Module):
     def _routing_summary(
         self, router_logits, log_normalizer, router_probs, expert_choice, kept, token_mask
     ) -> LayerRouting:
-        """Aux losses and load statistics over the real (non-padding) tokens."""
+        """Token choice's aux losses and load statistics over the real (non-padding) tokens."""
         weight = token_mask.float()  # (t,)
         num_real = weight.sum().clamp(min=1.0)
         top_k = expert_choice.shape[-1]
@@ -202,15 +313,9 @@ class SwitchRouter(nn.Module):
         # Load-balancing loss, N * sum_i f_i * P_i (Fedus et al., 2021, eq. 4-6). f_i is the fraction of routing
         # choices that pick expert i before capacity is applied, so that sum_i f_i = 1 for any k and a uniform
         # router gives exactly 1.0.
-        choices = torch.zeros(self.num_experts, device=weight.device).index_add_(
-            0, expert_choice.reshape(-1), weight.repeat_interleave(top_k)
-        )  # (e,)
-        fraction_routed = choices / (num_real * top_k)
+        fraction_routed = self._choices_per_expert(expert_choice, token_mask) / (num_real * top_k)  # (e,)
         mean_probability = (router_probs * weight.unsqueeze(-1)).sum(0) / num_real  # (e,)
         load_balancing_loss = self.num_experts * (fraction_routed * mean_probability).sum()
-
-        # Router z-loss (Zoph et al., 2022, eq. 5): keeps the router's logits small, hence its softmax stable.
-        z_loss = ((log_normalizer.squeeze(-1) ** 2) * weight).sum() / num_real
 
         tokens_per_expert = torch.zeros(self.num_experts, device=weight.device).index_add_(
             0, expert_choice.reshape(-1), kept.reshape(-1).float()
@@ -220,10 +325,17 @@ class SwitchRouter(nn.Module):
             router_logits=router_logits,
             expert_index=expert_choice.masked_fill(~kept, -1),
             load_balancing_loss=load_balancing_loss,
-            z_loss=z_loss,
+            z_loss=self._z_loss(log_normalizer, token_mask),
             tokens_per_expert=tokens_per_expert,
             dropped_fraction=dropped_fraction,
         )
+
+    @staticmethod
+    def _z_loss(log_normalizer: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Router z-loss (Zoph et al., 2022, eq. 5) over the real tokens: keeps the router's logits small, hence its
+        softmax stable."""
+        weight = token_mask.float()  # (t,)
+        return ((log_normalizer.squeeze(-1) ** 2) * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 @use_experts_implementation(has_gate=False, has_bias=True)
@@ -679,9 +791,13 @@ class SwitchSparseBlock(nn.Module):
         _, pairs, routing = self.router(hidden_states, token_mask)
         # The experts receive only the kept pairs, never the (tokens, k) routing with dropped pairs marked: transformers'
         # own `grouped_mm` and `batched_mm` skip out-of-range expert ids only under expert parallelism.
-        # Top-1 with no token dropped and no padding (dropless evaluation, most batches): the pairs are the tokens in
-        # order, so the gather and the scatter back would only copy.
-        every_token_once = pairs.token.shape[0] == tokens.shape[0] and self.router.top_k == 1
+        # Top-1 token choice with no token dropped and no padding (dropless evaluation, most batches): the pairs are
+        # the tokens in order, so the gather and the scatter back would only copy. (Expert choice lists its pairs by
+        # expert, and a token may have several.)
+        router = self.router
+        every_token_once = (
+            router.router_type == "token_choice" and router.top_k == 1 and pairs.token.shape[0] == tokens.shape[0]
+        )
         expert_output = self.experts(
             tokens if every_token_once else tokens.index_select(0, pairs.token),
             pairs.expert.unsqueeze(-1),
@@ -839,7 +955,6 @@ class SwitchAttentionExperts(nn.Module):
     def __init__(self, config: SwitchConfig):
         super().__init__()
         self.num_experts = config.num_experts
-        self.top_k = config.top_k
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.dropout = config.attention_dropout
@@ -868,42 +983,44 @@ class SwitchAttentionExperts(nn.Module):
         Returns:
             The attention output (b, s, h), zero for dropped and padding tokens; the attention probabilities
             (b, heads, k * s, s), row `c * s + i` for choice c of token i (zero rows for dropped or padding queries),
-            or None; and the routing.
+            or None; and the routing. k is `top_k` with token choice; with expert choice, the most experts one token
+            got in this batch (its choices numbered in increasing expert order).
         """
         batch, seq, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (t, h)
         num_tokens = tokens.shape[0]
         _, pairs, routing = self.router(hidden_states, token_mask)
+        choices = pairs.choices_per_token
         groups = group_rows_by_expert(pairs.expert, self.num_experts, _grouped_products_run(tokens, self.q_proj))
         order = groups.order  # pairs grouped by expert
         token = pairs.token[order]  # (p,)
         # Each (token, choice) pair is its own query. Its slot in a (b, k, s) layout makes each sequence's k*s
         # queries contiguous, so they attend to that sequence's s keys with no reshuffling.
         sequence, position = pairs.token.div(seq, rounding_mode="floor"), pairs.token.remainder(seq)
-        slot = ((sequence * self.top_k + pairs.choice) * seq + position)[order]  # (p,)
+        slot = ((sequence * choices + pairs.choice) * seq + position)[order]  # (p,)
 
         # Every token kept with all its choices (dropless, no padding): the slots are a permutation of all queries.
-        every_pair_kept = slot.shape[0] == self.top_k * num_tokens
+        every_pair_kept = slot.shape[0] == choices * num_tokens
         unsort = inverse_permutation(slot) if every_pair_kept else None
 
         pair_queries = experts_linear(tokens.index_select(0, token), self.q_proj, self.q_proj_bias, groups)  # (p, h)
         if every_pair_kept:
             queries = pair_queries.index_select(0, unsort)  # (k*t, h)
         else:
-            queries = tokens.new_zeros(self.top_k * num_tokens, hidden).index_copy(0, slot, pair_queries)
-        queries = queries.view(batch, self.top_k * seq, self.num_heads, self.head_dim).transpose(1, 2)
+            queries = tokens.new_zeros(choices * num_tokens, hidden).index_copy(0, slot, pair_queries)
+        queries = queries.view(batch, choices * seq, self.num_heads, self.head_dim).transpose(1, 2)
         heads_shape = (batch, seq, self.num_heads, self.head_dim)
         keys = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
         values = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (b, heads, s, head_dim)
         attended, weights = attend(
             queries, keys, values, attention_mask, self.dropout if self.training else 0.0, output_attentions
         )  # (b, heads, k*s, head_dim)
-        attended = attended.transpose(1, 2).reshape(self.top_k * num_tokens, hidden)  # (k*t, h) in slot order
+        attended = attended.transpose(1, 2).reshape(choices * num_tokens, hidden)  # (k*t, h) in slot order
 
         pair_output = experts_linear(attended.index_select(0, slot), self.o_proj, self.o_proj_bias, groups)  # (p, h)
-        gates = pairs.gate.new_zeros(num_tokens, self.top_k)  # (t, k), read only where a pair was kept
+        gates = pairs.gate.new_zeros(num_tokens, choices)  # (t, k), read only where a pair was kept
         gates[pairs.token, pairs.choice] = pairs.gate
-        pair_id = token * self.top_k + pairs.choice[order]  # (p,) the (token, choice) behind each sorted pair
+        pair_id = token * choices + pairs.choice[order]  # (p,) the (token, choice) behind each sorted pair
         output = combine_expert_outputs(pair_output, pair_id, gates)  # (t, h)
         return output.view_as(hidden_states), weights, routing
 
@@ -1004,14 +1121,18 @@ class SwitchModelOutput(ModelOutput):
         Each router's logits, `(batch_size, sequence_length, num_experts)`, in float32. There is one router per
         Switch layer, two in a layer of kind "both"; `config.router_names` names them in this order.
     expert_indices (`tuple(torch.LongTensor)`, returned with `output_routing`):
-        Each router's chosen experts, `(batch_size, sequence_length, top_k)`; -1 where a token was dropped for lack
-        of capacity or is padding.
+        Each router's chosen experts. With token choice, `(batch_size, sequence_length, top_k)`; -1 where a token was
+        dropped for lack of capacity or is padding. With expert choice, `(batch_size, sequence_length, num_experts)`:
+        the experts that took each token, in increasing order, then -1 (all -1 for a token no expert took, and for
+        padding).
     tokens_per_expert (`torch.FloatTensor` of shape `(num_routers, num_experts)`, returned with `output_routing`):
         How many tokens each expert of each router processed.
     dropped_fraction (`torch.FloatTensor` of shape `(num_routers,)`, returned with `output_routing`):
-        Fraction of the real tokens' routing choices dropped for lack of capacity, per router.
+        Per router, with token choice the fraction of the real tokens' routing choices dropped for lack of capacity;
+        with expert choice the fraction of the real tokens that no expert took.
     load_balancing_loss (`torch.FloatTensor` of shape `()`, returned with `output_routing`):
-        Mean over routers of the Switch load-balancing loss (1.0 for a perfectly uniform router).
+        Mean over routers of the Switch load-balancing loss (1.0 for a perfectly uniform router; 0 with expert
+        choice, whose experts take equal loads by construction).
     router_z_loss (`torch.FloatTensor` of shape `()`, returned with `output_routing`):
         Mean over routers of the router z-loss.
     """
@@ -1091,6 +1212,9 @@ class SwitchPreTrainedModel(PreTrainedModel):
             init.zeros_(module.o_proj_bias)
         elif isinstance(module, SwitchRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias_update_rate > 0:
+                init.zeros_(module.expert_bias)
+                init.zeros_(module.pending_load)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """transformers defaults to `grouped_mm`, whose CPU path is slower than `sorted_mm`; switch-hf defaults to
@@ -1109,6 +1233,25 @@ class SwitchPreTrainedModel(PreTrainedModel):
         if backbone_config is not None:
             backbone_config._experts_implementation_internal = None
         return super()._check_and_adjust_experts_implementation(experts_implementation)
+
+    def update_router_biases(self):
+        """Auxiliary-loss-free load balancing (`config.router_bias_update_rate > 0`): moves each router's expert bias by
+        the rate times `sign(mean load - expert load)`, the load being the routing choices of the training batches
+        backpropagated since the last call, and starts a new count. Call it after each optimizer step (with
+        gradient accumulation, the count spans the step's micro-batches); with `Trainer`, pass
+        `switch_hf.RouterBiasUpdateCallback()` in its callbacks. Under `torch.distributed`, every process must call it:
+        the loads are summed over the processes first, so that every copy of a router moves its bias alike. Does
+        nothing when the rate is 0."""
+        biased = [router for router in self.modules() if isinstance(router, SwitchRouter) and router.bias_update_rate > 0]
+        if not biased:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            loads = torch.stack([router.pending_load for router in biased])  # (routers, e), one collective
+            torch.distributed.all_reduce(loads)
+            for router, load in zip(biased, loads):
+                router.pending_load.copy_(load)
+        for router in biased:
+            router.update_bias()
 
     def _wants_router_logits(self, kwargs: dict) -> bool:
         requested = kwargs.get("output_router_logits")

@@ -97,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--mask-probability", type=float, default=0.15)
     parser.add_argument("--identity-probability", type=float, default=0.15)
+    parser.add_argument(
+        "--whole-word-masking", action="store_true", help="mask a word with all its ## pieces (the rate counts tokens)"
+    )
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -439,7 +442,9 @@ def main(argv=None):
             f"text, one example per line, or lower --batch-size"
         )
     lengths = torch.tensor([len(ids) for ids in train_set["input_ids"]])
-    collate = ReconstructionCollator(tokenizer, args.mask_probability, args.identity_probability)
+    collate = ReconstructionCollator(
+        tokenizer, args.mask_probability, args.identity_probability, whole_word_masking=args.whole_word_masking
+    )
 
     backbone_params = [p for p in model.model.backbone.parameters() if p.requires_grad]
     backbone_ids = {id(p) for p in model.model.backbone.parameters()}

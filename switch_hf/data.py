@@ -29,6 +29,11 @@ class ReconstructionCollator:
     `identity_probability` share of the untouched tokens, so the model also learns to copy what it sees: the
     reconstruction of uncorrupted text. Other positions are -100 (no loss).
 
+    With `whole_word_masking`, a word is selected, and masked, kept or randomized, with all its "##" continuation
+    pieces (Devlin et al.'s whole-word masking), so the model cannot read a hidden piece off the rest of its word.
+    Words are selected with `mask_probability`, which is then also each token's chance of being selected: the
+    masking rate counts tokens as without it.
+
     Call it with a `torch.Generator` for a corruption that depends only on that generator's seed (resumable
     training); without one it draws from torch's global RNG (as `Trainer` calls it).
     """
@@ -37,6 +42,7 @@ class ReconstructionCollator:
     mask_probability: float = 0.15
     identity_probability: float = 0.15
     pad_to_multiple_of: int | None = 8
+    whole_word_masking: bool = False
 
     def __post_init__(self):
         for name in ("mask_probability", "identity_probability"):
@@ -45,6 +51,15 @@ class ReconstructionCollator:
                 raise ValueError(f"ReconstructionCollator.{name} must be in [0, 1], got {value!r}")
         if self.tokenizer.mask_token_id is None:
             raise ValueError("ReconstructionCollator needs a tokenizer with a mask token")
+        # (vocabulary,) True for the "##" pieces that continue a word (WordPiece)
+        self.continuation = torch.zeros(len(self.tokenizer), dtype=torch.bool)
+        for token, index in self.tokenizer.get_vocab().items():
+            self.continuation[index] = token.startswith("##")
+        if self.whole_word_masking and not self.continuation.any():
+            raise ValueError(
+                f"whole_word_masking needs a WordPiece tokenizer, whose '##' pieces continue a word; "
+                f"{type(self.tokenizer).__name__} has none"
+            )
 
     def __call__(self, examples: list[dict], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         features = [{key: example[key] for key in ("input_ids", "token_type_ids", "attention_mask")} for example in examples]
@@ -62,6 +77,15 @@ class ReconstructionCollator:
         selected = draw(self.mask_probability)
         # One uniform draw splits the selected tokens 80 / 10 / 10.
         split = torch.rand(original.shape, generator=generator)
+        if self.whole_word_masking:
+            # Every piece takes the draws of its word's first piece. A "##" piece right after a special token has
+            # lost its word's start; it counts as a word of its own.
+            positions = torch.arange(original.shape[1]).expand_as(original)
+            follows_text = torch.nn.functional.pad(candidates[:, :-1], (1, 0))  # (b, s)
+            continuation = self.continuation[original] & candidates & follows_text
+            first_piece = torch.where(continuation, 0, positions).cummax(-1).values  # (b, s)
+            selected = selected.gather(1, first_piece) & candidates
+            split = split.gather(1, first_piece)
         to_mask = selected & (split < 0.8)
         to_random = selected & (split >= 0.8) & (split < 0.9)
         random_tokens = torch.randint(len(self.tokenizer), original.shape, generator=generator)

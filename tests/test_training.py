@@ -109,6 +109,44 @@ def test_collator_corrupts_like_bert_and_labels_corrupted_and_identity_tokens(mi
     assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(again["labels"], batch["labels"])
 
 
+def test_collator_masks_whole_words_at_the_token_rate(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    text = "the unbelievably antidisestablishmentarianism of tokenization " * 12
+    examples = [tokenizer(text, truncation=True, max_length=256) for _ in range(40)]
+    collate = ReconstructionCollator(
+        tokenizer, mask_probability=0.25, identity_probability=0.0, pad_to_multiple_of=None, whole_word_masking=True
+    )
+    batch = collate(examples, generator=torch.Generator().manual_seed(0))
+    original = torch.tensor([example["input_ids"] for example in examples])
+    pieces = [tokenizer.convert_ids_to_tokens(row) for row in original.tolist()]
+    masked = (batch["input_ids"] == tokenizer.mask_token_id).tolist()
+    labelled = (batch["labels"] != -100).tolist()
+    words = 0
+    for row_pieces, row_masked, row_labelled in zip(pieces, masked, labelled):
+        starts = [i for i, piece in enumerate(row_pieces) if not piece.startswith("##")] + [len(row_pieces)]
+        for start, end in zip(starts, starts[1:]):
+            if end - start > 1:  # a word of several pieces: selected, and masked, all together or not at all
+                words += 1
+                assert len(set(row_labelled[start:end])) == 1 and len(set(row_masked[start:end])) == 1
+    assert words > 1000
+    real = (original != tokenizer.cls_token_id) & (original != tokenizer.sep_token_id)
+    assert (batch["labels"] != -100).sum().item() / real.sum().item() == pytest.approx(0.25, abs=0.02)
+
+
+def test_collator_refuses_whole_word_masking_without_word_pieces():
+    class WholeWordTokenizer:  # a vocabulary of whole words: nothing marks where a word goes on
+        mask_token_id = 0
+
+        def __len__(self):
+            return 2
+
+        def get_vocab(self):
+            return {"[MASK]": 0, "word": 1}
+
+    with pytest.raises(ValueError, match="WordPiece"):
+        ReconstructionCollator(WholeWordTokenizer(), whole_word_masking=True)
+
+
 def test_collator_rejects_bad_probabilities(minilm_path):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     with pytest.raises(ValueError, match="mask_probability must be in"):

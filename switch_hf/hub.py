@@ -93,6 +93,7 @@ PROCEDURE_FIELDS = {
     "max_grad_norm": "gradient clipping norm",
     "mask_probability": "share of tokens corrupted (80% [MASK], 10% random, 10% kept)",
     "identity_probability": "share of untouched tokens also labelled (learn to copy)",
+    "whole_word_masking": "words corrupted with all their ## pieces",
     "freeze_backbone": "backbone frozen",
     "upcycle": "experts upcycled from the backbone's last layer",
     "seed": "seed",

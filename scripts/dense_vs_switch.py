@@ -234,9 +234,10 @@ def steps_to_reach(xs: list[float], losses: list[float], target: float) -> float
 
 
 def run_key(run: dict) -> tuple:
-    """What tells runs apart: experts, capacity factor, router and balancing (runs written before the routing
-    variants are token choice balanced by the aux loss)."""
-    return (run["experts"], run["capacity_factor"], run.get("router", "token_choice"), run.get("balance", "aux"))
+    """What tells runs apart: experts, capacity factor, router, balancing and the bias's rate (runs written before
+    the routing variants are token choice balanced by the aux loss)."""
+    return (run["experts"], run["capacity_factor"], run.get("router", "token_choice"), run.get("balance", "aux"),
+            run.get("bias_rate"))
 
 
 def run_name(run: dict) -> str:

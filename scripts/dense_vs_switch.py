@@ -352,7 +352,11 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        run, step, train_seconds = state["run"], state["step"], state["train_seconds"]
+        saved, step, train_seconds = state["run"], state["step"], state["train_seconds"]
+        # A run saved by an older version of this script lacks the fields added since: its routing settings are the
+        # command line's, as for a new run, and the evaluation windows already past have no value for a new series.
+        missing_series = [field for field, values in run.items() if isinstance(values, list) and field not in saved]
+        run = {**run, **saved, **{field: [None] * len(saved["eval_steps"]) for field in missing_series}}
         logger.info("%s: continuing from step %d", run_name(run), step)
     else:
         run["eval_steps"].append(0)
@@ -436,7 +440,7 @@ def main(argv=None):
         if clashes:
             raise SystemExit(f"--resume: {args.output} was made with other settings (was, now): {clashes}")
         results["runs"] = previous["runs"]
-    elif partial_dir.exists():
+    if partial_dir.exists() and not args.resume:  # with --resume, an interrupted first run continues from it
         shutil.rmtree(partial_dir)
     partial_dir.mkdir(exist_ok=True)
 

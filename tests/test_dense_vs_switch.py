@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 
@@ -93,6 +94,38 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_it_never_stopped(t
     resumed, expected = json.loads(output.read_text())["runs"][0], json.loads(reference.read_text())["runs"][0]
     assert resumed["eval_loss"] == expected["eval_loss"]
     assert resumed["dropped_fraction"] == expected["dropped_fraction"]
+
+
+def test_a_checkpoint_saved_before_the_per_router_loads_resumes(tmp_path, tiny_corpus, monkeypatch):
+    """A run interrupted under an older version of the script, whose saved run has neither the routing fields nor
+    the per-router load series, continues: the windows already past read None in the new series."""
+    argv = ["--experts", "4", "--corpus-dir", str(tiny_corpus), *TINY, "--output", str(tmp_path / "study.json")]
+    evaluate, calls = dense_vs_switch.evaluate, []
+
+    def interrupted_evaluate(model, batches):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(model, batches)
+
+    monkeypatch.setattr(dense_vs_switch, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        dense_vs_switch.main(argv)
+    checkpoint = tmp_path / "study.json.partial" / "4.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    for field in ("max_over_mean_load_per_router", "router", "balance", "bias_rate"):
+        state["run"].pop(field, None)
+    torch.save(state, checkpoint)
+    monkeypatch.setattr(dense_vs_switch, "evaluate", evaluate)
+
+    dense_vs_switch.main([*argv, "--resume"])
+
+    run = json.loads((tmp_path / "study.json").read_text())["runs"][0]
+    per_router = run["max_over_mean_load_per_router"]
+    assert len(per_router) == len(run["eval_steps"])
+    assert run["eval_steps"] == [0, 3, 6]
+    assert per_router[:2] == [None, None] and len(per_router[2]) == 1  # steps 4-6 ran again, the others did not
+    assert dense_vs_switch.run_name(run) == "4"
 
 
 def test_routing_variants_are_runs_of_their_own_beside_the_switch_run(tmp_path, tiny_corpus):

@@ -349,11 +349,16 @@ def gcide_paragraphs(article: str) -> Iterator[str]:
         yield text
 
 
-def read_gcide(root: Path) -> Iterator[str]:
-    dictd_dir = root / "usr/share/dictd"
-    articles = dictd_articles(dictd_dir / "gcide.index", dictd_dir / "gcide.dict.dz")
-    for article in tqdm(articles, desc="gcide", unit="article"):
-        yield from gcide_paragraphs(article)
+def dictd_reader(name: str, paragraphs: Callable[[str], Iterator[str]]) -> Callable[[Path], Iterator[str]]:
+    """A source reader for the dictd dictionary `name`: `paragraphs` of each of its articles."""
+
+    def read(root: Path) -> Iterator[str]:
+        dictd_dir = root / "usr/share/dictd"
+        articles = dictd_articles(dictd_dir / f"{name}.index", dictd_dir / f"{name}.dict.dz")
+        for article in tqdm(articles, desc=name, unit="article"):
+            yield from paragraphs(article)
+
+    return read
 
 
 # "ABDICATION, n.  An act whereby ..." or "ABSENT-MINDED, adj." opens an entry.
@@ -370,13 +375,6 @@ def devil_paragraphs(article: str) -> Iterator[str]:
         if head:
             text = f"{head['word'].capitalize()}: {text[head.end():]}"
         yield text
-
-
-def read_devils_dictionary(root: Path) -> Iterator[str]:
-    dictd_dir = root / "usr/share/dictd"
-    articles = dictd_articles(dictd_dir / "devil.index", dictd_dir / "devil.dict.dz")
-    for article in tqdm(articles, desc="devil", unit="article"):
-        yield from devil_paragraphs(article)
 
 
 @dataclass(frozen=True)
@@ -404,9 +402,11 @@ SOURCES = [
            ("usr/share/doc/gnu-standards/standards.html",
             "usr/share/doc/gnu-standards/maintain.html"), read_gnu_standards, optional=True),
     Source("gcide", "dict-gcide", "GPL-2+",
-           ("usr/share/dictd/gcide.index", "usr/share/dictd/gcide.dict.dz"), read_gcide, optional=True),
+           ("usr/share/dictd/gcide.index", "usr/share/dictd/gcide.dict.dz"), dictd_reader("gcide", gcide_paragraphs),
+           optional=True),
     Source("devil", "dict-devil", "public domain",
-           ("usr/share/dictd/devil.index", "usr/share/dictd/devil.dict.dz"), read_devils_dictionary, optional=True),
+           ("usr/share/dictd/devil.index", "usr/share/dictd/devil.dict.dz"), dictd_reader("devil", devil_paragraphs),
+           optional=True),
 ]
 SOURCES_BY_NAME = {source.name: source for source in SOURCES}
 

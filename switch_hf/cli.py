@@ -2,6 +2,7 @@
 
     switch-hf reconstruct "The quick brown fox jumps over the lazy dog."
     switch-hf fill-mask "The quick brown [MASK] jumps over the lazy dog."
+    switch-hf reconstruct - < text.txt
     switch-hf train --help
     switch-hf evaluate --help
 
@@ -36,6 +37,21 @@ def check_text(text: str) -> None:
         ) from None
     if not text.strip():
         raise UsageError("the text is empty: give some words to process")
+
+
+def read_text(argument: str) -> str:
+    """The text to process: the argument itself, or, for "-", everything on standard input (e.g. a piped file)."""
+    if argument != "-":
+        return argument
+    if sys.stdin is None:
+        raise UsageError("the text is - but standard input is closed: pipe the text in or give it as an argument")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"standard input is not valid UTF-8 (at byte {error.start + 1}): convert it to UTF-8, e.g. with iconv"
+        ) from None
 
 
 def text_token_ids(tokenizer, text: str) -> list[int]:
@@ -131,6 +147,7 @@ def reconstruction(model, tokenizer, text: str, device, top_k=None):
 
 
 def reconstruct(args) -> None:
+    args.text = read_text(args.text)
     check_text(args.text)
     device = resolve_device(args.device)
     config, tokenizer = load_config_and_tokenizer(args.model)
@@ -142,6 +159,7 @@ def reconstruct(args) -> None:
 
 
 def fill_mask(args) -> None:
+    args.text = read_text(args.text)
     check_text(args.text)
     device = resolve_device(args.device)
     config, tokenizer = load_config_and_tokenizer(args.model)
@@ -191,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("fill-mask", "print the top predictions for each [MASK] token"),
     ):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("text")
+        command.add_argument("text", help="the text, or - to read it from standard input")
         command.add_argument(
             "--model", default=str(RELEASED_CHECKPOINT), help="checkpoint directory or Hub id (default: the release)"
         )

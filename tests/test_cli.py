@@ -1,5 +1,6 @@
 """The `switch-hf` command: reconstruct and fill-mask on a checkpoint, their errors, and the released default."""
 
+import io
 import json
 import logging
 import os
@@ -79,6 +80,39 @@ def test_text_that_is_not_utf8_exits_2(checkpoint, capsys, command):
         f"switch-hf {command}: error: the text is not valid UTF-8 (at character 4): convert it to UTF-8, e.g. with "
         "iconv\n",
     )
+
+
+def standard_input(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "fill-mask"])
+def test_a_dash_reads_the_text_from_standard_input(checkpoint, capsys, monkeypatch, command):
+    text = "The quick brown [MASK] jumps over the lazy dog.\nIt was not amused."
+    code, expected, _ = run_cli([command, text, "--model", str(checkpoint)], capsys)
+    assert code == 0
+    standard_input(monkeypatch, text.encode("utf-8"))
+    assert run_cli([command, "-", "--model", str(checkpoint)], capsys)[:2] == (0, expected)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "the text is empty: give some words to process"),
+        (b"caf\xe9 [MASK]", "standard input is not valid UTF-8 (at byte 4): convert it to UTF-8, e.g. with iconv"),
+    ],
+)
+def test_unusable_standard_input_exits_2_naming_it(checkpoint, capsys, monkeypatch, data, message):
+    standard_input(monkeypatch, data)
+    assert run_cli(["reconstruct", "-", "--model", str(checkpoint)], capsys) == (
+        2, "", f"switch-hf reconstruct: error: {message}\n"
+    )
+
+
+def test_a_dash_with_standard_input_closed_exits_2(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)
+    code, _, err = run_cli(["fill-mask", "-", "--model", str(checkpoint)], capsys)
+    assert code == 2 and "standard input is closed" in err
 
 
 def test_fill_mask_without_a_mask_exits_2(checkpoint, capsys):

@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prepare_corpus import load_tokenized_corpus  # noqa: E402
 
 from switch_hf.cli import RELEASED_CHECKPOINT, UsageError, load_config_and_tokenizer, load_model  # noqa: E402
-from switch_hf.data import check_corpus, check_max_length, check_text_file, drop_examples_without_text  # noqa: E402
+from switch_hf.data import (  # noqa: E402
+    check_corpus, check_max_length, check_text_file, drop_examples_without_text, word_start_positions,
+)
 
 logger = logging.getLogger("evaluate")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -122,10 +124,7 @@ def whole_word_mask(real: torch.Tensor, continuation: torch.Tensor, chosen: torc
     """Extend each word's choice to the whole word: a token is masked when the first piece of its word is chosen.
 
     real, continuation, chosen: (batch, seq) bools; continuation marks "##" pieces."""
-    positions = torch.arange(real.shape[1]).expand_as(real)
-    # (batch, seq): the position of the first piece of each token's word
-    first_piece = torch.where(continuation, 0, positions).cummax(-1).values
-    return real & chosen.gather(1, first_piece)
+    return real & chosen.gather(1, word_start_positions(continuation))
 
 
 class MaskedScores:

@@ -20,6 +20,13 @@ CORPUS_LAYOUT = (
 )
 
 
+def word_start_positions(continuation: torch.Tensor) -> torch.Tensor:
+    """continuation: (b, s) bool, True on the "##" pieces that continue the word before them -> (b, s) long, the
+    position of the first piece of each token's word (a token not continuing a word starts its own)."""
+    positions = torch.arange(continuation.shape[1]).expand_as(continuation)
+    return torch.where(continuation, 0, positions).cummax(-1).values
+
+
 @dataclass
 class ReconstructionCollator:
     """Pads tokenized examples and corrupts them for training (Devlin et al., 2019, masked LM).
@@ -51,11 +58,13 @@ class ReconstructionCollator:
                 raise ValueError(f"ReconstructionCollator.{name} must be in [0, 1], got {value!r}")
         if self.tokenizer.mask_token_id is None:
             raise ValueError("ReconstructionCollator needs a tokenizer with a mask token")
+        if not self.whole_word_masking:
+            return
         # (vocabulary,) True for the "##" pieces that continue a word (WordPiece)
         self.continuation = torch.zeros(len(self.tokenizer), dtype=torch.bool)
         for token, index in self.tokenizer.get_vocab().items():
             self.continuation[index] = token.startswith("##")
-        if self.whole_word_masking and not self.continuation.any():
+        if not self.continuation.any():
             raise ValueError(
                 f"whole_word_masking needs a WordPiece tokenizer, whose '##' pieces continue a word; "
                 f"{type(self.tokenizer).__name__} has none"
@@ -80,10 +89,8 @@ class ReconstructionCollator:
         if self.whole_word_masking:
             # Every piece takes the draws of its word's first piece. A "##" piece right after a special token has
             # lost its word's start; it counts as a word of its own.
-            positions = torch.arange(original.shape[1]).expand_as(original)
             follows_text = torch.nn.functional.pad(candidates[:, :-1], (1, 0))  # (b, s)
-            continuation = self.continuation[original] & candidates & follows_text
-            first_piece = torch.where(continuation, 0, positions).cummax(-1).values  # (b, s)
+            first_piece = word_start_positions(self.continuation[original] & candidates & follows_text)  # (b, s)
             selected = selected.gather(1, first_piece) & candidates
             split = split.gather(1, first_piece)
         to_mask = selected & (split < 0.8)

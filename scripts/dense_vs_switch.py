@@ -26,12 +26,16 @@ with a per-expert routing bias moved by `--bias-rate` after every step (Wang et 
 loss off (its coefficient 0; the z-loss stays).
 
 All runs share the seed, the data order (packed `--seq-len` blocks of the training split, shuffled once), the
-corruption of each step's batch (15% of tokens selected, 80/10/10 [MASK]/random/kept, seeded by the step), the
-optimizer (AdamW), the schedule (linear warmup, cosine decay to a tenth of the peak) and the batch. Every
+corruption of each step's batch (`--mask-probability` of the tokens selected, 15% by default; 80/10/10
+[MASK]/random/kept, seeded by the step), the optimizer (AdamW), the schedule (linear warmup, cosine decay to a tenth
+of the peak) and the batch. Every
 `--eval-every` steps each model is scored on the same fixed validation sample, corrupted once with a fixed seed:
 the masked-LM cross-entropy on the selected tokens, without the router losses, with dropless routing (token choice).
 The validation split is never trained on. Training logs, per eval window, the dropped fraction (token choice: routing
-choices over capacity; expert choice: tokens no expert took) and each router's max/mean expert load.
+choices over capacity; expert choice: tokens no expert took) and each router's max/mean expert load per step, which
+counts the tokens an expert kept, so capacity caps it (at capacity_factor / (1 - dropped fraction)). Each evaluation
+also records each router's max/mean load over the whole validation sample, dropless, so counting every token's
+choice: the router's own balance (`eval_max_over_mean_load_per_router`).
 
 Speed-up (as in the paper's figure 4): the steps (or training seconds) the dense twin takes to reach its final
 validation loss, over the steps (seconds) the Switch model takes to reach that same loss, both read off the eval
@@ -39,12 +43,16 @@ curve by linear interpolation; null if the Switch model never reaches it. Traini
 
 Each finished run is written to the output JSON at once; with `--resume` finished runs are kept and an interrupted
 run continues from its last checkpoint (written at every evaluation beside the JSON, in OUTPUT.partial/), with the
-same data, corruption and random state as if it had never stopped. A PNG of the curves goes beside the JSON.
+same data, corruption and random state as if it had never stopped. A PNG of the curves goes beside the JSON. With
+`--resume`, several processes can add different runs to one output at once (say one per core, each `--threads 1`):
+each keeps the runs the others wrote.
 """
 
 import argparse
+import fcntl
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -68,7 +76,7 @@ logger = logging.getLogger("dense_vs_switch")
 STUDY_FIELDS = (
     "hidden_size", "heads", "layers", "ffn_size", "switch_kinds", "seq_len", "batch_size", "steps", "eval_every",
     "eval_sequences", "lr", "warmup_steps", "weight_decay", "aux_coef", "z_coef", "router_init_scale", "seed",
-    "corpus_dir", "max_train_lines",
+    "corpus_dir", "max_train_lines", "mask_probability",
 )
 
 
@@ -104,6 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--mask-probability", type=float, default=0.15, help="share of tokens selected for the masked LM")
     # router
     parser.add_argument("--capacity-factor", type=parse_capacity, default=1.25, help="training capacity factor")
     parser.add_argument("--capacity-factors", type=parse_capacity, nargs="*", default=[],
@@ -135,6 +144,8 @@ def parse_args(argv=None):
         parser.error("--router expert_choice needs a capacity factor (not 'none') and no --balance: its load is even")
     if args.bias_rate <= 0:
         parser.error(f"--bias-rate must be > 0, got {args.bias_rate}")
+    if not 0 < args.mask_probability < 1:
+        parser.error(f"--mask-probability must be between 0 and 1, got {args.mask_probability}")
     return args
 
 
@@ -306,16 +317,22 @@ def plot(results: dict, path: Path):
 # one run
 
 @torch.no_grad()
-def evaluate(model, eval_batches) -> float:
+def evaluate(model, eval_batches) -> tuple[float, list[float] | None]:
+    """The masked-LM loss on the validation sample, and each router's max/mean expert load over the whole sample
+    (None for the dense twin). Token choice evaluates dropless, so that load counts every token's choice before any
+    capacity: how even the router is, not how full the capacity let the experts get."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, load = 0.0, 0, None
     for batch in eval_batches:
         output = model(**batch, only_labeled_logits=True)
         labelled = int((batch["labels"] != -100).sum())
         total += output.reconstruction_loss.item() * labelled
         count += labelled
+        if output.tokens_per_expert.numel():
+            load = output.tokens_per_expert if load is None else load + output.tokens_per_expert  # (routers, e)
     model.train()
-    return total / count
+    router_load = None if load is None else [round(value, 5) for value in (load.max(dim=1).values / load.mean(dim=1)).tolist()]
+    return total / count, router_load
 
 
 def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, capacity_factor, partial_path):
@@ -343,6 +360,7 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         "dropped_fraction": [],
         "max_over_mean_load": [],
         "max_over_mean_load_per_router": [],
+        "eval_max_over_mean_load_per_router": [],
         "train_loss": [],
     }
     step, train_seconds = 0, 0.0
@@ -360,7 +378,9 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         logger.info("%s: continuing from step %d", run_name(run), step)
     else:
         run["eval_steps"].append(0)
-        run["eval_loss"].append(evaluate(model, eval_batches))
+        eval_loss, eval_load = evaluate(model, eval_batches)
+        run["eval_loss"].append(eval_loss)
+        run["eval_max_over_mean_load_per_router"].append(eval_load)
         run["eval_train_seconds"].append(0.0)
         for field in ("dropped_fraction", "max_over_mean_load", "max_over_mean_load_per_router", "train_loss"):
             run[field].append(None)
@@ -393,7 +413,9 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         progress.update(1)
         if step % args.eval_every == 0 or step == args.steps:
             run["eval_steps"].append(step)
-            run["eval_loss"].append(evaluate(model, eval_batches))
+            eval_loss, eval_load = evaluate(model, eval_batches)
+            run["eval_loss"].append(eval_loss)
+            run["eval_max_over_mean_load_per_router"].append(eval_load)
             run["eval_train_seconds"].append(round(train_seconds, 2))
             for field, key in (("train_loss", "loss"), ("dropped_fraction", "dropped"), ("max_over_mean_load", "load")):
                 values = window[key]
@@ -411,6 +433,7 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                     "run": run, "step": step, "train_seconds": train_seconds,
                 }
+                partial_path.parent.mkdir(exist_ok=True)  # another process that finished may have removed it
                 torch.save(state, partial_path.with_suffix(".tmp"))
                 partial_path.with_suffix(".tmp").replace(partial_path)  # atomic: a kill never leaves half a file
     progress.close()
@@ -419,6 +442,34 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
     run["train_tokens_per_s"] = round(args.steps * args.batch_size * args.seq_len / train_seconds, 1)
     partial_path.unlink(missing_ok=True)
     return run
+
+
+def check_same_study(previous: dict, study: dict, output: Path):
+    clashes = {field: (previous.get(field), study[field]) for field in STUDY_FIELDS if previous.get(field) != study[field]}
+    if clashes:
+        raise SystemExit(f"--resume: {output} was made with other settings (was, now): {clashes}")
+
+
+def save_run(results: dict, run: dict, output: Path, merge: bool):
+    """Adds a finished run to the results and writes them with the plot. With `merge` (`--resume`), the runs another
+    process of this script wrote to the same file since this one started are kept: one process per core can add
+    runs to one study at once. The directory's lock keeps their writes apart."""
+    directory = os.open(output.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        if merge and output.is_file():
+            on_disk = json.loads(output.read_text())
+            check_same_study(on_disk["config"], results["config"], output)
+            known = {run_key(known_run) for known_run in [*results["runs"], run]}
+            results["runs"] += [other for other in on_disk["runs"] if run_key(other) not in known]
+        results["runs"].append(run)
+        results["runs"].sort(key=lambda run: (run["experts"], run["capacity_factor"] != 1.25, str(run_key(run)[1:])))
+        results["speedup_steps"], results["speedup_time"] = speedups(results["runs"])
+        output.with_suffix(".tmp").write_text(json.dumps(results, indent=1) + "\n")
+        output.with_suffix(".tmp").replace(output)
+        plot(results, output.with_suffix(".png"))
+    finally:
+        os.close(directory)  # and with it the lock
 
 
 def main(argv=None):
@@ -431,14 +482,11 @@ def main(argv=None):
     study = {field: getattr(args, field) for field in STUDY_FIELDS}
     study["corpus_dir"] = str(args.corpus_dir)
     study.update(threads=args.threads, capacity_factor_eval=None, optimizer="AdamW", schedule="warmup + cosine to 0.1x",
-                 mask_probability=0.15, tokenizer_vocab="all-MiniLM-L6-v2 (random embeddings)")
+                 tokenizer_vocab="all-MiniLM-L6-v2 (random embeddings)")
     results = {"config": study, "runs": [], "speedup_steps": {}, "speedup_time": {}, "cpu": cpu_model()}
     if args.resume and args.output.is_file():
         previous = json.loads(args.output.read_text())
-        clashes = {field: (previous["config"].get(field), study[field]) for field in STUDY_FIELDS
-                   if previous["config"].get(field) != study[field]}
-        if clashes:
-            raise SystemExit(f"--resume: {args.output} was made with other settings (was, now): {clashes}")
+        check_same_study(previous["config"], study, args.output)
         results["runs"] = previous["runs"]
     if partial_dir.exists() and not args.resume:  # with --resume, an interrupted first run continues from it
         shutil.rmtree(partial_dir)
@@ -446,7 +494,9 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_tokenizer())
     # Pure masked LM: no extra identity targets on unselected tokens.
-    collator = ReconstructionCollator(tokenizer, mask_probability=0.15, identity_probability=0.0, pad_to_multiple_of=None)
+    collator = ReconstructionCollator(
+        tokenizer, mask_probability=args.mask_probability, identity_probability=0.0, pad_to_multiple_of=None
+    )
     train_blocks = packed_blocks(args.corpus_dir / "train.txt", tokenizer, args.seq_len, args.max_train_lines)
     eval_blocks = packed_blocks(args.corpus_dir / "validation.txt", tokenizer, args.seq_len)[: args.eval_sequences]
     eval_batches = [
@@ -469,15 +519,13 @@ def main(argv=None):
         file_name = run_name(key).replace("@cf=", "_cf").replace(" ", "_").replace("@", "_")
         partial_path = partial_dir / f"{file_name}.pt"
         run = train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, capacity_factor, partial_path)
-        results["runs"].append(run)
-        results["runs"].sort(key=lambda run: (run["experts"], run["capacity_factor"] != 1.25, str(run_key(run)[1:])))
-        results["speedup_steps"], results["speedup_time"] = speedups(results["runs"])
-        args.output.write_text(json.dumps(results, indent=1) + "\n")
-        plot(results, args.output.with_suffix(".png"))
+        save_run(results, run, args.output, merge=args.resume)
         logger.info("%s: final eval loss %.4f, %.0f tokens/s; speed-ups so far: steps %s, time %s", run_name(run),
                     run["eval_loss"][-1], run["train_tokens_per_s"], results["speedup_steps"], results["speedup_time"])
-    if not any(partial_dir.iterdir()):
-        partial_dir.rmdir()
+    try:
+        partial_dir.rmdir()  # once empty: another process adding runs may still have a checkpoint in it
+    except OSError:
+        pass
     logger.info("wrote %s and %s", args.output, args.output.with_suffix(".png"))
 
 

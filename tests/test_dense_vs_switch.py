@@ -47,6 +47,8 @@ def test_the_study_writes_every_field_and_the_plot(tmp_path, tiny_corpus):
     router = 32 * 4  # one sparse layer of the two ("df"), hidden 32, 4 experts
     assert switch["active_params_per_token"] == dense["active_params_per_token"] + router
     assert switch["dropped_fraction"][-1] is not None and dense["dropped_fraction"][-1] is None
+    assert dense["eval_max_over_mean_load_per_router"] == [None, None, None]
+    assert all(len(loads) == 1 and loads[0] >= 1.0 for loads in switch["eval_max_over_mean_load_per_router"])
     assert set(results["speedup_steps"]) == set(results["speedup_time"]) == {"4"}
     assert output.with_suffix(".png").stat().st_size > 0
     assert not output.with_name(output.name + ".partial").exists()
@@ -56,6 +58,36 @@ def test_the_study_writes_every_field_and_the_plot(tmp_path, tiny_corpus):
     assert json.loads(output.read_text())["runs"] == json.loads(before)["runs"]
     with pytest.raises(SystemExit, match="other settings"):
         dense_vs_switch.main([*argv, "--resume", "--lr", "0.5"])
+
+
+def test_the_validation_load_counts_every_tokens_choice_over_the_whole_sample(tiny_corpus):
+    """The evaluation's load is each router's max/mean over all validation batches together, before any capacity:
+    the experts the router's logits pick, counted by hand here."""
+    args = dense_vs_switch.parse_args(["--experts", "4", "--output", "unused.json", "--corpus-dir", str(tiny_corpus),
+                                       *TINY, "--capacity-factor", "0.5"])
+    tokenizer = dense_vs_switch.AutoTokenizer.from_pretrained(dense_vs_switch.default_tokenizer())
+    collator = dense_vs_switch.ReconstructionCollator(
+        tokenizer, mask_probability=0.15, identity_probability=0.0, pad_to_multiple_of=None
+    )
+    blocks = dense_vs_switch.packed_blocks(tiny_corpus / "validation.txt", tokenizer, args.seq_len)
+    batches = [dense_vs_switch.corrupt(collator, blocks[start : start + 4], seed=start) for start in range(0, len(blocks), 4)]
+    model = dense_vs_switch.build_model(args, tokenizer, experts=4, capacity_factor=0.5)
+    with torch.no_grad():
+        model.model.layers[1].moe.router.weight.normal_()  # an uneven router, so that the load is far from 1
+
+    model.train()
+    loss, loads = dense_vs_switch.evaluate(model, batches)
+    assert model.training  # evaluation leaves the model as it found it
+
+    counts = torch.zeros(4)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(**batch, output_router_logits=True).router_logits[0]  # (b, s, e)
+            chosen = logits.argmax(dim=-1)[batch["attention_mask"].bool()]
+            counts += torch.bincount(chosen, minlength=4).float()
+    assert loads == [pytest.approx((counts.max() / counts.mean()).item(), abs=1e-4)]
+    assert loads[0] > 1.25  # above the training capacity factor: capacity does not cap it
 
 
 def test_the_speed_up_reads_the_curves_by_linear_interpolation():
@@ -145,3 +177,25 @@ def test_routing_variants_are_runs_of_their_own_beside_the_switch_run(tmp_path, 
     assert json.loads(output.read_text())["runs"] == runs
     with pytest.raises(SystemExit):
         dense_vs_switch.main(["--experts", "4", "--router", "expert_choice", "--capacity-factor", "none", *base])
+
+
+def test_processes_adding_runs_to_one_study_at_once_keep_each_others_runs(tmp_path, tiny_corpus, monkeypatch):
+    """Another process writes its finished run to the file while this one trains: both runs end up in it."""
+    base = ["--output", str(tmp_path / "study.json"), "--corpus-dir", str(tiny_corpus), *TINY, "--resume"]
+    evaluate, calls = dense_vs_switch.evaluate, []
+
+    def evaluate_while_another_process_finishes(model, batches):
+        calls.append(1)
+        if len(calls) == 2:  # the Switch run is under way: the dense run starts and finishes meanwhile
+            monkeypatch.setattr(dense_vs_switch, "evaluate", evaluate)
+            dense_vs_switch.main(["--experts", "0", *base])
+            monkeypatch.setattr(dense_vs_switch, "evaluate", evaluate_while_another_process_finishes)
+        return evaluate(model, batches)
+
+    monkeypatch.setattr(dense_vs_switch, "evaluate", evaluate_while_another_process_finishes)
+    dense_vs_switch.main(["--experts", "4", *base])
+
+    results = json.loads((tmp_path / "study.json").read_text())
+    assert [run["experts"] for run in results["runs"]] == [0, 4]
+    assert set(results["speedup_steps"]) == {"4"}
+    assert not (tmp_path / "study.json.partial").exists()

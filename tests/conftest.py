@@ -12,6 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # working one needs, and a test of tiny products ran 6 times slower than with the threads sleeping. Read when OpenMP
 # loads, so set before torch is imported, here and in every interpreter the tests start. Same threads, same results.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`-n N`) the workers share the cores: each gets its share of threads rather than all of them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 # What the session started with, before any test patched it: the environment of the interpreters tests share.
 SESSION_ENVIRONMENT = dict(os.environ)
 

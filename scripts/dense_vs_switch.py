@@ -23,7 +23,8 @@ al., 2022; a token then runs through capacity_factor experts on average, 1.25 by
 compute per token than top-1 token choice), evaluated at its training capacity factor since that factor sets how many
 experts a token gets; it has no load-balancing loss. `--balance bias` keeps top-1 token choice but balances the load
 with a per-expert routing bias moved by `--bias-rate` after every step (Wang et al., 2024), with the load-balancing
-loss off (its coefficient 0; the z-loss stays).
+loss off (its coefficient 0; the z-loss stays). `--aux-coef` sets the load-balancing loss's weight of a token-choice
+run (0.01 by default, the paper's); a run with another weight is a run of its own in the same study.
 
 All runs share the seed, the data order (packed `--seq-len` blocks of the training split, shuffled once), the
 corruption of each step's batch (`--mask-probability` of the tokens selected, 15% by default; 80/10/10
@@ -72,10 +73,13 @@ from switch_hf.hub import _parameter_counts  # noqa: E402
 
 logger = logging.getLogger("dense_vs_switch")
 
+# The load-balancing loss's weight of the Switch paper; runs written before it was a setting of each run used it.
+DEFAULT_AUX_COEF = 0.01
+
 # Settings that must agree between a results file and a `--resume` that adds runs to it.
 STUDY_FIELDS = (
     "hidden_size", "heads", "layers", "ffn_size", "switch_kinds", "seq_len", "batch_size", "steps", "eval_every",
-    "eval_sequences", "lr", "warmup_steps", "weight_decay", "aux_coef", "z_coef", "router_init_scale", "seed",
+    "eval_sequences", "lr", "warmup_steps", "weight_decay", "z_coef", "router_init_scale", "seed",
     "corpus_dir", "max_train_lines", "mask_probability",
 )
 
@@ -123,7 +127,8 @@ def parse_args(argv=None):
     parser.add_argument("--balance", choices=("aux", "bias"), default="aux",
                         help="token choice's load balancing: the aux loss, or a routing bias with the aux loss off")
     parser.add_argument("--bias-rate", type=float, default=1e-3, help="the routing bias's step with --balance bias")
-    parser.add_argument("--aux-coef", type=float, default=0.01)
+    parser.add_argument("--aux-coef", type=float, default=DEFAULT_AUX_COEF,
+                        help="the load-balancing loss's weight (token choice; a run of its own when not the default)")
     parser.add_argument("--z-coef", type=float, default=0.001)
     parser.add_argument("--router-init-scale", type=float, default=0.1,
                         help="router weights' std as a multiple of the other weights' (the paper: 10x smaller)")
@@ -230,7 +235,17 @@ def routing_fields(args, experts: int) -> dict:
     fields = {"router": args.router, "balance": args.balance}
     if args.balance == "bias":
         fields.update(bias_rate=args.bias_rate, aux_coef=0.0)
+    elif args.router == "token_choice":
+        fields.update(aux_coef=args.aux_coef)
     return fields
+
+
+def aux_coef(run: dict) -> float | None:
+    """The run's load-balancing loss weight; None where it has none (the dense twin, expert choice)."""
+    if "aux_coef" in run:
+        return run["aux_coef"]
+    has_aux_loss = run["experts"] and run.get("router", "token_choice") == "token_choice"
+    return DEFAULT_AUX_COEF if has_aux_loss else None
 
 
 def steps_to_reach(xs: list[float], losses: list[float], target: float) -> float | None:
@@ -245,10 +260,10 @@ def steps_to_reach(xs: list[float], losses: list[float], target: float) -> float
 
 
 def run_key(run: dict) -> tuple:
-    """What tells runs apart: experts, capacity factor, router, balancing and the bias's rate (runs written before
-    the routing variants are token choice balanced by the aux loss)."""
+    """What tells runs apart: experts, capacity factor, router, balancing, the bias's rate and the aux loss's weight
+    (runs written before the routing variants are token choice balanced by the default aux loss)."""
     return (run["experts"], run["capacity_factor"], run.get("router", "token_choice"), run.get("balance", "aux"),
-            run.get("bias_rate"))
+            run.get("bias_rate"), aux_coef(run))
 
 
 def run_name(run: dict) -> str:
@@ -260,6 +275,8 @@ def run_name(run: dict) -> str:
         name += " expert-choice"
     if run.get("balance", "aux") == "bias":
         name += f" bias@{run['bias_rate']:g}"
+    elif aux_coef(run) not in (None, DEFAULT_AUX_COEF):
+        name += f" aux@{aux_coef(run):g}"
     return name
 
 

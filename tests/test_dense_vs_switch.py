@@ -166,10 +166,15 @@ def test_routing_variants_are_runs_of_their_own_beside_the_switch_run(tmp_path, 
     dense_vs_switch.main(["--experts", "4", *base])
     dense_vs_switch.main(["--experts", "4", "--router", "expert_choice", "--resume", *base])
     dense_vs_switch.main(["--experts", "4", "--balance", "bias", "--bias-rate", "0.01", "--resume", *base])
+    dense_vs_switch.main(["--experts", "4", "--aux-coef", "0.1", "--resume", *base])
     runs = json.loads(output.read_text())["runs"]
     by_name = {dense_vs_switch.run_name(run): run for run in runs}
-    assert set(by_name) == {"4", "4 expert-choice", "4 bias@0.01"}
+    assert set(by_name) == {"4", "4 expert-choice", "4 bias@0.01", "4 aux@0.1"}
     assert by_name["4 bias@0.01"]["aux_coef"] == 0.0
+    assert by_name["4"]["aux_coef"] == 0.01 and by_name["4 aux@0.1"]["aux_coef"] == 0.1
+    assert by_name["4 aux@0.1"]["eval_loss"] != by_name["4"]["eval_loss"]  # the weight reached the model
+    written_before_the_setting = {key: value for key, value in by_name["4"].items() if key != "aux_coef"}
+    assert dense_vs_switch.run_key(written_before_the_setting) == dense_vs_switch.run_key(by_name["4"])
     for run in runs:
         assert len(run["max_over_mean_load_per_router"][-1]) == 1  # one sparse layer of two ("df")
     assert by_name["4 expert-choice"]["max_over_mean_load"][-1] == 1.0  # experts take equal loads

@@ -236,3 +236,11 @@ def minilm_path() -> str:
 
 
 from hub_fixtures import hub, hub_servers  # noqa: E402,F401  (loopback Hub + olah, see tests/hub_fixtures.py)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with long end-to-end tests (marked `slow`) first, in their order, then the rest: pytest-xdist hands
+    out whole modules in this order, so the long ones start at once and the short ones fill in around them, instead
+    of a long module starting last while the other workers have nothing left to do."""
+    modules_with_slow_tests = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in modules_with_slow_tests)

@@ -116,7 +116,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--mask-probability", type=float, default=0.15, help="share of tokens selected for the masked LM")
+    parser.add_argument("--mask-probability", type=float, default=0.15,
+                        help="share of tokens selected for the masked LM")
     # router
     parser.add_argument("--capacity-factor", type=parse_capacity, default=1.25, help="training capacity factor")
     parser.add_argument("--capacity-factors", type=parse_capacity, nargs="*", default=[],
@@ -333,6 +334,11 @@ def plot(results: dict, path: Path):
 # -----------------------------------------------------------------------------
 # one run
 
+def max_over_mean(load: torch.Tensor) -> torch.Tensor:
+    """Tokens per expert (routers, e) -> each router's busiest expert over its mean load (routers,)."""
+    return load.max(dim=1).values / load.mean(dim=1)
+
+
 @torch.no_grad()
 def evaluate(model, eval_batches) -> tuple[float, list[float] | None]:
     """The masked-LM loss on the validation sample, and each router's max/mean expert load over the whole sample
@@ -348,8 +354,16 @@ def evaluate(model, eval_batches) -> tuple[float, list[float] | None]:
         if output.tokens_per_expert.numel():
             load = output.tokens_per_expert if load is None else load + output.tokens_per_expert  # (routers, e)
     model.train()
-    router_load = None if load is None else [round(value, 5) for value in (load.max(dim=1).values / load.mean(dim=1)).tolist()]
-    return total / count, router_load
+    return total / count, None if load is None else [round(value, 5) for value in max_over_mean(load).tolist()]
+
+
+def record_evaluation(run: dict, model, eval_batches, step: int, train_seconds: float):
+    """Appends the evaluation at `step` to the run's curves."""
+    eval_loss, eval_load = evaluate(model, eval_batches)
+    run["eval_steps"].append(step)
+    run["eval_loss"].append(eval_loss)
+    run["eval_max_over_mean_load_per_router"].append(eval_load)
+    run["eval_train_seconds"].append(round(train_seconds, 2))
 
 
 def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, capacity_factor, partial_path):
@@ -394,11 +408,7 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         run = {**run, **saved, **{field: [None] * len(saved["eval_steps"]) for field in missing_series}}
         logger.info("%s: continuing from step %d", run_name(run), step)
     else:
-        run["eval_steps"].append(0)
-        eval_loss, eval_load = evaluate(model, eval_batches)
-        run["eval_loss"].append(eval_loss)
-        run["eval_max_over_mean_load_per_router"].append(eval_load)
-        run["eval_train_seconds"].append(0.0)
+        record_evaluation(run, model, eval_batches, step=0, train_seconds=0.0)
         for field in ("dropped_fraction", "max_over_mean_load", "max_over_mean_load_per_router", "train_loss"):
             run[field].append(None)
 
@@ -424,16 +434,12 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
         if output.tokens_per_expert.numel():
             load = output.tokens_per_expert  # (routers, e)
             window["dropped"].append(output.dropped_fraction.mean().item())
-            router_load = load.max(dim=1).values / load.mean(dim=1)  # (routers,)
+            router_load = max_over_mean(load)  # (routers,)
             window["load"].append(router_load.mean().item())
             window["router_load"].append(router_load.tolist())
         progress.update(1)
         if step % args.eval_every == 0 or step == args.steps:
-            run["eval_steps"].append(step)
-            eval_loss, eval_load = evaluate(model, eval_batches)
-            run["eval_loss"].append(eval_loss)
-            run["eval_max_over_mean_load_per_router"].append(eval_load)
-            run["eval_train_seconds"].append(round(train_seconds, 2))
+            record_evaluation(run, model, eval_batches, step, train_seconds)
             for field, key in (("train_loss", "loss"), ("dropped_fraction", "dropped"), ("max_over_mean_load", "load")):
                 values = window[key]
                 run[field].append(round(sum(values) / len(values), 5) if values else None)
@@ -462,7 +468,9 @@ def train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, ca
 
 
 def check_same_study(previous: dict, study: dict, output: Path):
-    clashes = {field: (previous.get(field), study[field]) for field in STUDY_FIELDS if previous.get(field) != study[field]}
+    clashes = {
+        field: (previous.get(field), study[field]) for field in STUDY_FIELDS if previous.get(field) != study[field]
+    }
     if clashes:
         raise SystemExit(f"--resume: {output} was made with other settings (was, now): {clashes}")
 

@@ -70,7 +70,9 @@ def test_the_validation_load_counts_every_tokens_choice_over_the_whole_sample(ti
         tokenizer, mask_probability=0.15, identity_probability=0.0, pad_to_multiple_of=None
     )
     blocks = dense_vs_switch.packed_blocks(tiny_corpus / "validation.txt", tokenizer, args.seq_len)
-    batches = [dense_vs_switch.corrupt(collator, blocks[start : start + 4], seed=start) for start in range(0, len(blocks), 4)]
+    batches = [
+        dense_vs_switch.corrupt(collator, blocks[start : start + 4], seed=start) for start in range(0, len(blocks), 4)
+    ]
     model = dense_vs_switch.build_model(args, tokenizer, experts=4, capacity_factor=0.5)
     with torch.no_grad():
         model.model.layers[1].moe.router.weight.normal_()  # an uneven router, so that the load is far from 1
@@ -103,25 +105,31 @@ def test_the_speed_up_reads_the_curves_by_linear_interpolation():
     assert by_steps == {"8": 2.0} and by_time == {"8": 1.0}
 
 
+def interrupt_at_the_last_evaluation(monkeypatch, argv: list[str]):
+    """Runs the one-run study `argv` (TINY: evaluations at steps 0, 3 and 6) and stops it at its step-6 evaluation,
+    the step-3 checkpoint on disk, as a kill would; evaluation then works again."""
+    evaluate, calls = dense_vs_switch.evaluate, []
+
+    def interrupted_evaluate(model, batches):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(model, batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dense_vs_switch, "evaluate", interrupted_evaluate)
+        with pytest.raises(KeyboardInterrupt):
+            dense_vs_switch.main(argv)
+
+
 def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_it_never_stopped(tmp_path, tiny_corpus, monkeypatch):
     argv = ["--experts", "4", "--corpus-dir", str(tiny_corpus), *TINY]
     reference = tmp_path / "reference.json"
     dense_vs_switch.main([*argv, "--output", str(reference)])
 
     output = tmp_path / "interrupted.json"
-    evaluate, calls = dense_vs_switch.evaluate, []
-
-    def interrupted_evaluate(model, batches):
-        calls.append(1)
-        if len(calls) == 3:  # the step-6 evaluation: the step-3 checkpoint is on disk
-            raise KeyboardInterrupt
-        return evaluate(model, batches)
-
-    monkeypatch.setattr(dense_vs_switch, "evaluate", interrupted_evaluate)
-    with pytest.raises(KeyboardInterrupt):
-        dense_vs_switch.main([*argv, "--output", str(output)])
+    interrupt_at_the_last_evaluation(monkeypatch, [*argv, "--output", str(output)])
     assert (output.with_name(output.name + ".partial") / "4.pt").is_file() and not output.exists()
-    monkeypatch.setattr(dense_vs_switch, "evaluate", evaluate)
     dense_vs_switch.main([*argv, "--output", str(output), "--resume"])
     resumed, expected = json.loads(output.read_text())["runs"][0], json.loads(reference.read_text())["runs"][0]
     assert resumed["eval_loss"] == expected["eval_loss"]
@@ -132,23 +140,12 @@ def test_a_checkpoint_saved_before_the_per_router_loads_resumes(tmp_path, tiny_c
     """A run interrupted under an older version of the script, whose saved run has neither the routing fields nor
     the per-router load series, continues: the windows already past read None in the new series."""
     argv = ["--experts", "4", "--corpus-dir", str(tiny_corpus), *TINY, "--output", str(tmp_path / "study.json")]
-    evaluate, calls = dense_vs_switch.evaluate, []
-
-    def interrupted_evaluate(model, batches):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return evaluate(model, batches)
-
-    monkeypatch.setattr(dense_vs_switch, "evaluate", interrupted_evaluate)
-    with pytest.raises(KeyboardInterrupt):
-        dense_vs_switch.main(argv)
+    interrupt_at_the_last_evaluation(monkeypatch, argv)
     checkpoint = tmp_path / "study.json.partial" / "4.pt"
     state = torch.load(checkpoint, weights_only=False)
     for field in ("max_over_mean_load_per_router", "router", "balance", "bias_rate"):
         state["run"].pop(field, None)
     torch.save(state, checkpoint)
-    monkeypatch.setattr(dense_vs_switch, "evaluate", evaluate)
 
     dense_vs_switch.main([*argv, "--resume"])
 

@@ -70,14 +70,15 @@ except ImportError:
 
 
 # A new interpreter spends 10-20 s of a loaded 2-core machine importing torch and transformers before it runs a line.
-# This one imports them once, then forks a child per program. Each child starts from that state, in which nothing of
-# switch_hf is imported, runs its program as `python -c CODE ARGS...`, `python -m MODULE ARGS...` or `python SCRIPT
-# ARGS...` would (as the interpreter's `__main__`, in its own working directory) and ends with its own exit status.
+# This one imports them (and datasets, which the training and evaluation scripts load) once, then forks a child per
+# program. Each child starts from that state, in which nothing of switch_hf is imported, runs its program as
+# `python -c CODE ARGS...`, `python -m MODULE ARGS...` or `python SCRIPT ARGS...` would (as the interpreter's
+# `__main__`, in its own working directory) and ends with its own exit status.
 # The parent runs no parallel region before it forks, so each child starts torch's OpenMP threads afresh.
 WARM_INTERPRETER = r"""
 import json, os, runpy, sys, types
 
-import torch, transformers, transformers.pipelines  # noqa: F401
+import datasets, torch, transformers, transformers.pipelines  # noqa: F401
 
 
 def next_program():
@@ -97,6 +98,16 @@ os.chdir(program["cwd"])
 written = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, program["stdout"], written), (2, program["stderr"], written)):
     os.dup2(os.open(path, flags), fd)
+if program["stdout_mode"] == "closed":
+    # As `python ... >&-`: an interpreter started without file descriptor 1 has no sys.stdout at all.
+    os.close(1)
+    sys.stdout = sys.__stdout__ = None
+elif program["stdout_mode"] == "broken_pipe":
+    # As `python ... | head -c 0`: a pipe whose reader is gone (SIGPIPE stays ignored, as Python sets it at startup).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.dup2(write_end, 1)
+    os.close(write_end)
 kind, target = program["kind"], program["target"]
 sys.argv = [{"code": "-c"}.get(kind, target), *program["arguments"]]
 if kind == "module":
@@ -136,33 +147,42 @@ class WarmPython:
 
     def run(
         self, code: str | None = None, *, module: str | None = None, script: Path | None = None, arguments=(),
-        cwd=REPO_ROOT, timeout: float = 300,
+        cwd=REPO_ROOT, timeout: float = 300, stdout_mode: str = "file",
     ) -> subprocess.CompletedProcess:
-        """`python -c code`, `python -m module` or `python script` with `arguments`, in `cwd`: its status and output."""
+        """`python -c code`, `python -m module` or `python script` with `arguments`, in `cwd`: its status and output.
+
+        `stdout_mode`: "file" (captured), "closed" (started without a standard output) or "broken_pipe" (writing to a
+        pipe nobody reads)."""
+        return self.start(
+            code, module=module, script=script, arguments=arguments, cwd=cwd, stdout_mode=stdout_mode
+        ).wait(timeout)
+
+    def start(
+        self, code: str | None = None, *, module: str | None = None, script: Path | None = None, arguments=(),
+        cwd=REPO_ROOT, stdout_mode: str = "file",
+    ) -> "WarmProgram":
+        """Starts a program as `run` does and returns without waiting for it: its `pid` can be signalled, and its
+        `wait` must be called before the next program starts."""
         programs = {"code": code, "module": module, "script": None if script is None else str(script)}
         given = [(kind, target) for kind, target in programs.items() if target is not None]
         if len(given) != 1:
             raise ValueError(f"run() takes one of code, module or script, got {[kind for kind, _ in given]}")
+        if stdout_mode not in ("file", "closed", "broken_pipe"):
+            raise ValueError(f"stdout_mode must be 'file', 'closed' or 'broken_pipe', got {stdout_mode!r}")
         (kind, target), arguments = given[0], [str(argument) for argument in arguments]
         self.runs += 1
         stdout, stderr = (self.scratch / f"run-{self.runs}.{stream}" for stream in ("stdout", "stderr"))
         request = dict(kind=kind, target=target, arguments=arguments, cwd=str(cwd), stdout=str(stdout),
-                       stderr=str(stderr))  # fmt: skip
+                       stderr=str(stderr), stdout_mode=stdout_mode)  # fmt: skip
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
         args = [sys.executable, *{"code": ["-c"], "module": ["-m"]}.get(kind, []), target, *arguments]
         try:  # the first program waits for the imports
-            child = int(self._reply(self.start_timeout_s))
+            pid = int(self._reply(self.start_timeout_s))
         except TimeoutError:
             self.process.kill()
             raise
-        try:
-            returncode = int(self._reply(timeout))
-        except TimeoutError:
-            os.kill(child, signal.SIGKILL)
-            self._reply(timeout)
-            raise subprocess.TimeoutExpired(args, timeout, stdout.read_text(), stderr.read_text()) from None
-        return subprocess.CompletedProcess(args, returncode, stdout.read_text(), stderr.read_text())
+        return WarmProgram(self, pid, args, stdout, stderr)
 
     def _reply(self, timeout: float) -> bytes:
         while b"\n" not in self._replies:
@@ -182,6 +202,27 @@ class WarmPython:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class WarmProgram:
+    """A program running in a child of `WarmPython`: its `pid`, and `wait` for its status and output."""
+
+    def __init__(self, interpreter: WarmPython, pid: int, args: list[str], stdout: Path, stderr: Path):
+        self.interpreter, self.pid, self.args, self.stdout, self.stderr = interpreter, pid, args, stdout, stderr
+
+    def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        try:
+            returncode = int(self.interpreter._reply(timeout))
+        except TimeoutError:
+            os.kill(self.pid, signal.SIGKILL)
+            self.interpreter._reply(timeout)
+            output = self._read(self.stdout), self._read(self.stderr)
+            raise subprocess.TimeoutExpired(self.args, timeout, *output) from None
+        return subprocess.CompletedProcess(self.args, returncode, self._read(self.stdout), self._read(self.stderr))
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        return path.read_text() if path.exists() else ""  # no file where the program had no standard output
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@
 import io
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -263,32 +261,18 @@ def test_command_line_mistakes_exit_2_with_the_usage(capsys, argv, message):
     assert err.startswith("usage: switch-hf") and message in err.splitlines()[-1]
 
 
-@pytest.mark.slow
-def test_a_closed_stdout_ends_the_command_quietly(checkpoint):
+def test_a_closed_stdout_ends_the_command_quietly(warm_python, checkpoint):
     """`switch-hf ... | head -c 1`: the reader goes away before the output is written."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "switch_hf.cli", "reconstruct", SEED_TEXT, "--model", str(checkpoint)],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    finally:
-        os.close(write_end)
+    result = warm_python.run(
+        module="switch_hf.cli", arguments=["reconstruct", SEED_TEXT, "--model", checkpoint], stdout_mode="broken_pipe"
+    )
     assert (result.returncode, result.stderr) == (1, "")
 
 
-@pytest.mark.slow
-def test_a_stdout_closed_from_the_start_exits_2(checkpoint):
+def test_a_stdout_closed_from_the_start_exits_2(warm_python, checkpoint):
     """`switch-hf ... >&-`: Python gives no stdout at all, and print() would drop the answer silently."""
-    result = subprocess.run(
-        [sys.executable, "-m", "switch_hf.cli", "reconstruct", SEED_TEXT, "--model", str(checkpoint)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: os.close(1),
+    result = warm_python.run(
+        module="switch_hf.cli", arguments=["reconstruct", SEED_TEXT, "--model", checkpoint], stdout_mode="closed"
     )
     assert (result.returncode, result.stderr) == (
         2,

@@ -197,26 +197,27 @@ def test_train_script_trains_saves_and_evaluates(warm_python, tiny_setup, tmp_pa
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_continues_with_the_same_losses(tiny_setup, tmp_path):
+def test_resume_after_a_kill_continues_with_the_same_losses(warm_python, tiny_setup, tmp_path):
     total_steps = 40
-    # The reference runs as the interrupted run does, in a process of its own with one thread: losses compared exactly.
-    reference = run(train_command(tiny_setup, tmp_path / "reference", "--max-steps", str(total_steps), "--save-every", "5"))
+    # All three runs are children of the same warm interpreter, hence with the same threads: losses compared exactly.
+    schedule = ("--max-steps", str(total_steps), "--save-every", "5")
+    reference = train(warm_python, tiny_setup, tmp_path / "reference", *schedule)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     interrupted_dir = tmp_path / "interrupted"
-    command = train_command(tiny_setup, interrupted_dir, "--max-steps", str(total_steps), "--save-every", "5")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    arguments = train_command(tiny_setup, interrupted_dir, *schedule)[2:]
+    interrupted = warm_python.start(script=REPO_ROOT / "scripts" / "train.py", arguments=arguments)
     step_file = interrupted_dir / "state" / "step.json"
     deadline = time.monotonic() + 300
-    while not step_file.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not step_file.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    os.kill(interrupted.pid, signal.SIGKILL)
+    ended = interrupted.wait()
+    assert ended.returncode == -signal.SIGKILL, f"it ended ({ended.returncode}) before the kill: {ended.stderr[-3000:]}"
     killed_at = json.loads(step_file.read_text())["step"]
-    assert killed_at < total_steps, "the run finished before it could be interrupted"
+    assert killed_at < total_steps
 
-    resumed = run(command + ["--resume"])
+    resumed = train(warm_python, tiny_setup, interrupted_dir, *schedule, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = {m["step"]: m["loss"] for m in metrics(tmp_path / "reference")}
     continued = {m["step"]: m["loss"] for m in metrics(interrupted_dir) if m["step"] > killed_at}

@@ -182,6 +182,17 @@ def corrupt(collator: ReconstructionCollator, blocks: torch.Tensor, seed: int) -
     return collator(examples, generator=generator)
 
 
+def unigram_loss(train_blocks: torch.Tensor, eval_batches: list[dict], tokenizer) -> float:
+    """The validation sample's masked-LM loss for a model that ignores the context and always predicts the training
+    split's token frequencies (add-one smoothed): what learning the frequencies alone is worth, the level a model has
+    to go below to show that it uses the context at all."""
+    counts = torch.bincount(train_blocks.flatten(), minlength=len(tokenizer)).double() + 1.0
+    counts[tokenizer.all_special_ids] = 0.0  # [CLS], [SEP], ... are never targets
+    log_frequencies = (counts / counts.sum()).log()
+    targets = torch.cat([batch["labels"][batch["labels"] != -100] for batch in eval_batches])
+    return -log_frequencies[targets].mean().item()
+
+
 # -----------------------------------------------------------------------------
 # model
 
@@ -315,6 +326,9 @@ def plot(results: dict, path: Path):
     for axes, xlabel in ((by_steps, "training step"), (by_time, "training time (minutes)")):
         if dense is not None:
             axes.axhline(dense["eval_loss"][-1], color="grey", linestyle="--", linewidth=0.8)
+        if "unigram_eval_loss" in results:
+            axes.axhline(results["unigram_eval_loss"], color="black", linestyle=":", linewidth=0.8,
+                         label="token frequencies alone (unigram)")
         axes.set_xlabel(xlabel)
         axes.set_ylabel("validation masked-LM loss")
         finals = [run["eval_loss"][-1] for run in results["runs"]]
@@ -475,19 +489,20 @@ def check_same_study(previous: dict, study: dict, output: Path):
         raise SystemExit(f"--resume: {output} was made with other settings (was, now): {clashes}")
 
 
-def save_run(results: dict, run: dict, output: Path, merge: bool):
-    """Adds a finished run to the results and writes them with the plot. With `merge` (`--resume`), the runs another
-    process of this script wrote to the same file since this one started are kept: one process per core can add
-    runs to one study at once. The directory's lock keeps their writes apart."""
+def save_results(results: dict, output: Path, merge: bool, run: dict | None = None):
+    """Adds a finished `run` (if any) to the results and writes them with the plot. With `merge` (`--resume`), the
+    runs another process of this script wrote to the same file since this one started are kept: one process per core
+    can add runs to one study at once. The directory's lock keeps their writes apart."""
+    new_runs = [] if run is None else [run]
     directory = os.open(output.parent, os.O_RDONLY)
     try:
         fcntl.flock(directory, fcntl.LOCK_EX)
         if merge and output.is_file():
             on_disk = json.loads(output.read_text())
             check_same_study(on_disk["config"], results["config"], output)
-            known = {run_key(known_run) for known_run in [*results["runs"], run]}
+            known = {run_key(known_run) for known_run in [*results["runs"], *new_runs]}
             results["runs"] += [other for other in on_disk["runs"] if run_key(other) not in known]
-        results["runs"].append(run)
+        results["runs"] += new_runs
         results["runs"].sort(key=lambda run: (run["experts"], run["capacity_factor"] != 1.25, str(run_key(run)[1:])))
         results["speedup_steps"], results["speedup_time"] = speedups(results["runs"])
         output.with_suffix(".tmp").write_text(json.dumps(results, indent=1) + "\n")
@@ -528,6 +543,7 @@ def main(argv=None):
         corrupt(collator, eval_blocks[start : start + args.batch_size], seed=args.seed + 7919 * (1 + start))
         for start in range(0, len(eval_blocks), args.batch_size)
     ]
+    results["unigram_eval_loss"] = round(unigram_loss(train_blocks, eval_batches, tokenizer), 4)
     logger.info("%d training blocks of %d tokens (%.1f epochs at %d steps), %d validation blocks, %d thread(s)",
                 len(train_blocks), args.seq_len, args.steps * args.batch_size / len(train_blocks), args.steps,
                 len(eval_blocks), args.threads)
@@ -544,9 +560,12 @@ def main(argv=None):
         file_name = run_name(key).replace("@cf=", "_cf").replace(" ", "_").replace("@", "_")
         partial_path = partial_dir / f"{file_name}.pt"
         run = train_run(args, tokenizer, collator, train_blocks, eval_batches, experts, capacity_factor, partial_path)
-        save_run(results, run, args.output, merge=args.resume)
+        save_results(results, args.output, merge=args.resume, run=run)
         logger.info("%s: final eval loss %.4f, %.0f tokens/s; speed-ups so far: steps %s, time %s", run_name(run),
                     run["eval_loss"][-1], run["train_tokens_per_s"], results["speedup_steps"], results["speedup_time"])
+    # Once more with every run on disk: the speed-ups, the plot and the references cover the whole study, and a
+    # results file written by an older version of this script gains the fields it lacked.
+    save_results(results, args.output, merge=True)
     try:
         partial_dir.rmdir()  # once empty: another process adding runs may still have a checkpoint in it
     except OSError:

@@ -2,6 +2,7 @@
 and --resume keeps finished runs."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -34,7 +35,7 @@ def test_the_study_writes_every_field_and_the_plot(tmp_path, tiny_corpus):
     argv = ["--experts", "0", "4", "--output", str(output), "--corpus-dir", str(tiny_corpus), *TINY]
     dense_vs_switch.main(argv)
     results = json.loads(output.read_text())
-    assert {"config", "runs", "speedup_steps", "speedup_time", "cpu"} <= set(results)
+    assert {"config", "runs", "speedup_steps", "speedup_time", "cpu", "unigram_eval_loss"} <= set(results)
     assert [run["experts"] for run in results["runs"]] == [0, 4]
     for run in results["runs"]:
         for field in ("eval_steps", "eval_loss", "train_tokens_per_s", "total_params", "active_params_per_token",
@@ -53,9 +54,12 @@ def test_the_study_writes_every_field_and_the_plot(tmp_path, tiny_corpus):
     assert output.with_suffix(".png").stat().st_size > 0
     assert not output.with_name(output.name + ".partial").exists()
 
-    before = output.read_text()
-    dense_vs_switch.main([*argv, "--resume"])  # both runs finished: nothing to train
-    assert json.loads(output.read_text())["runs"] == json.loads(before)["runs"]
+    before = json.loads(output.read_text())
+    del before["unigram_eval_loss"]  # as a results file of an older version of the script
+    output.write_text(json.dumps(before))
+    dense_vs_switch.main([*argv, "--resume"])  # both runs finished: nothing to train, the missing field is added
+    after = json.loads(output.read_text())
+    assert after["runs"] == before["runs"] and after["unigram_eval_loss"] == results["unigram_eval_loss"]
     with pytest.raises(SystemExit, match="other settings"):
         dense_vs_switch.main([*argv, "--resume", "--lr", "0.5"])
 
@@ -90,6 +94,20 @@ def test_the_validation_load_counts_every_tokens_choice_over_the_whole_sample(ti
             counts += torch.bincount(chosen, minlength=4).float()
     assert loads == [pytest.approx((counts.max() / counts.mean()).item(), abs=1e-4)]
     assert loads[0] > 1.25  # above the training capacity factor: capacity does not cap it
+
+
+def test_the_unigram_reference_is_the_targets_loss_under_the_training_frequencies():
+    class Tokenizer:
+        all_special_ids = [0, 1]
+
+        def __len__(self):
+            return 8
+
+    train_blocks = torch.tensor([[0, 5, 5, 6, 1]])
+    eval_batches = [{"labels": torch.tensor([[-100, 5, -100, 7]])}]
+    # Add-one counts of tokens 2..7 (the special 0 and 1 never targets): 1, 1, 1, 3, 2, 1 out of 9.
+    expected = -(math.log(3 / 9) + math.log(1 / 9)) / 2
+    assert dense_vs_switch.unigram_loss(train_blocks, eval_batches, Tokenizer()) == pytest.approx(expected)
 
 
 def test_the_speed_up_reads_the_curves_by_linear_interpolation():

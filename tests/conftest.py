@@ -205,20 +205,32 @@ class WarmPython:
 
 
 class WarmProgram:
-    """A program running in a child of `WarmPython`: its `pid`, and `wait` for its status and output."""
+    """A program running in a child of `WarmPython`: its `pid`, `poll` for whether it has ended, and `wait` for its
+    status and output."""
 
     def __init__(self, interpreter: WarmPython, pid: int, args: list[str], stdout: Path, stderr: Path):
         self.interpreter, self.pid, self.args, self.stdout, self.stderr = interpreter, pid, args, stdout, stderr
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit status once the program has ended, None while it runs."""
+        if self.returncode is None:
+            try:
+                self.returncode = int(self.interpreter._reply(timeout=0))
+            except TimeoutError:
+                pass
+        return self.returncode
 
     def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
-        try:
-            returncode = int(self.interpreter._reply(timeout))
-        except TimeoutError:
-            os.kill(self.pid, signal.SIGKILL)
-            self.interpreter._reply(timeout)
-            output = self._read(self.stdout), self._read(self.stderr)
-            raise subprocess.TimeoutExpired(self.args, timeout, *output) from None
-        return subprocess.CompletedProcess(self.args, returncode, self._read(self.stdout), self._read(self.stderr))
+        if self.returncode is None:
+            try:
+                self.returncode = int(self.interpreter._reply(timeout))
+            except TimeoutError:
+                os.kill(self.pid, signal.SIGKILL)
+                self.interpreter._reply(timeout)
+                output = self._read(self.stdout), self._read(self.stderr)
+                raise subprocess.TimeoutExpired(self.args, timeout, *output) from None
+        return subprocess.CompletedProcess(self.args, self.returncode, self._read(self.stdout), self._read(self.stderr))
 
     @staticmethod
     def _read(path: Path) -> str:

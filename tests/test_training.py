@@ -209,9 +209,10 @@ def test_resume_after_a_kill_continues_with_the_same_losses(warm_python, tiny_se
     interrupted = warm_python.start(script=REPO_ROOT / "scripts" / "train.py", arguments=arguments)
     step_file = interrupted_dir / "state" / "step.json"
     deadline = time.monotonic() + 300
-    while not step_file.exists() and time.monotonic() < deadline:
+    while not step_file.exists() and interrupted.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.kill(interrupted.pid, signal.SIGKILL)
+    if interrupted.poll() is None:
+        os.kill(interrupted.pid, signal.SIGKILL)
     ended = interrupted.wait()
     assert ended.returncode == -signal.SIGKILL, f"it ended ({ended.returncode}) before the kill: {ended.stderr[-3000:]}"
     killed_at = json.loads(step_file.read_text())["step"]
